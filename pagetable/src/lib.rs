@@ -1,0 +1,33 @@
+//! x86-64 paging for confidential guests.
+//!
+//! The one thing this crate does that an ordinary page-table crate does not:
+//! [`PageTables::lookup_address`] returns the leaf for an address **even when
+//! its PRESENT bit is clear**, and [`CcMask`] recovers the frame from such an
+//! entry with the confidential-computing bit masked off. A private<->shared
+//! conversion needs both: it makes the entries non-present first, and then
+//! must tell the hypervisor which frames they map.
+//!
+//! Table memory is reached through [`TableMemory`] (a physical-to-virtual
+//! mapper), so the same walker runs on a kernel's direct map and, in host
+//! tests, over [`sim::SimMemory`].
+#![cfg_attr(not(any(test, feature = "sim")), no_std)]
+#![deny(unsafe_code)]
+
+mod addr;
+mod entry;
+mod level;
+mod tables;
+
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+
+pub use addr::{PhysAddr, VirtAddr, PAGE_SIZE};
+pub use entry::{
+    leaf_addr_field, CcMask, MaskError, Pte, PteFlags, ADDR_FIELD, PAT_4K, PAT_LARGE,
+    SOFTWARE_SHARED_BIT,
+};
+pub use level::{Level, PagingMode, ENTRIES_PER_TABLE};
+pub use tables::{Leaf, PageTables, TableAllocator, TableError, TableMemory, WalkError};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,435 @@
+//! The walker, the splitter and the entry updates, over page-table memory
+//! reached through [`TableMemory`]. Nothing here is unsafe: the raw accesses
+//! live in the `TableMemory` implementation.
+
+use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
+use crate::entry::{leaf_addr_field, CcMask, Pte, PteFlags, ADDR_FIELD, PAT_4K, PAT_LARGE};
+use crate::level::{Level, PagingMode, ENTRIES_PER_TABLE};
+
+/// Page-table memory, addressed physically. A kernel implements it over its
+/// direct map with 64-bit atomic accesses; host tests over simulated memory.
+///
+/// `index` is always below 512. `table` is always a page-aligned address that
+/// came from the root or from a table pointer this crate wrote or read.
+pub trait TableMemory {
+    /// Reads entry `index` of the table at `table`.
+    fn load(&self, table: PhysAddr, index: usize) -> u64;
+    /// Atomically replaces entry `index` with `new` if it still holds
+    /// `current`; returns the previous value either way (`Err` on mismatch).
+    /// Atomic because the CPU sets A/D bits in live entries concurrently.
+    fn compare_exchange(
+        &self,
+        table: PhysAddr,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64>;
+    /// Writes entry `index` of a table no CPU can reach yet (being filled
+    /// before it is linked in).
+    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64);
+}
+
+/// Frames for new page tables. A returned frame is page-aligned; its contents
+/// are overwritten entirely before use.
+pub trait TableAllocator {
+    /// A free frame, or `None` when out of memory.
+    fn allocate_table(&self) -> Option<PhysAddr>;
+    /// Returns a frame that was allocated and never linked into the tables.
+    fn free_table(&self, frame: PhysAddr);
+}
+
+impl<T: TableMemory + ?Sized> TableMemory for &T {
+    fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        (**self).load(table, index)
+    }
+    fn compare_exchange(
+        &self,
+        table: PhysAddr,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        (**self).compare_exchange(table, index, current, new)
+    }
+    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+        (**self).store_unpublished(table, index, value)
+    }
+}
+
+impl<T: TableAllocator + ?Sized> TableAllocator for &T {
+    fn allocate_table(&self) -> Option<PhysAddr> {
+        (**self).allocate_table()
+    }
+    fn free_table(&self, frame: PhysAddr) {
+        (**self).free_table(frame)
+    }
+}
+
+/// A leaf found by [`PageTables::lookup_address`]: where its entry lives, what
+/// it holds, and what it maps. It may be non-present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// First virtual address the leaf maps (aligned to its size).
+    pub va: VirtAddr,
+    /// Level of the leaf: [`Level::Pt`] 4K, [`Level::Pd`] 2M, [`Level::Pdpt`] 1G.
+    pub level: Level,
+    /// Physical address of the table that holds the entry.
+    pub table: PhysAddr,
+    /// Index of the entry in that table.
+    pub index: usize,
+    /// The entry's value when it was read.
+    pub entry: Pte,
+}
+
+impl Leaf {
+    /// Bytes the leaf maps.
+    pub const fn size(&self) -> u64 {
+        self.level.entry_span()
+    }
+    /// One past the last virtual address the leaf maps (saturating at 2^64).
+    pub const fn end(&self) -> u64 {
+        self.va.0.saturating_add(self.size())
+    }
+    /// Number of 4K pages the leaf maps.
+    pub const fn pages(&self) -> u64 {
+        self.size() / PAGE_SIZE
+    }
+}
+
+/// Why a walk stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkError {
+    /// The address is not canonical for the paging mode.
+    NonCanonical(VirtAddr),
+    /// An entry on the way is zero, or a non-present table pointer: nothing
+    /// is mapped at `va`. `level` is where the walk stopped.
+    NotMapped { va: VirtAddr, level: Level },
+    /// PS set at a level that cannot hold a leaf (a reserved-bit fault).
+    Reserved { va: VirtAddr, level: Level },
+}
+
+/// Why a split or a mapping was refused. Nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableError {
+    /// The walk failed.
+    Walk(WalkError),
+    /// No frame for a new table.
+    OutOfTableMemory,
+    /// Another CPU changed the entry between our read and our write; re-walk.
+    Raced,
+    /// A 4K leaf cannot be split.
+    NotSplittable,
+    /// Something is already mapped where a new leaf was asked for.
+    AlreadyMapped { va: VirtAddr, level: Level },
+    /// The address or frame is not aligned to the leaf size, or the level
+    /// cannot hold a leaf.
+    BadLeaf,
+}
+
+impl From<WalkError> for TableError {
+    fn from(e: WalkError) -> Self {
+        TableError::Walk(e)
+    }
+}
+
+/// One address space: its root, its paging mode, the CC bits, and the memory
+/// its tables live in.
+pub struct PageTables<M> {
+    memory: M,
+    root: PhysAddr,
+    mode: PagingMode,
+    cc: CcMask,
+}
+
+/// Flags for a table pointer made by this crate: permissive, as Linux's
+/// _KERNPG_TABLE, because a leaf's own flags are the ones that restrict.
+const TABLE_POINTER_FLAGS: u64 =
+    PteFlags::PRESENT.bits() | PteFlags::WRITABLE.bits() | PteFlags::ACCESSED.bits();
+
+impl<M: TableMemory> PageTables<M> {
+    /// Wraps existing tables rooted at `root` (CR3's address).
+    pub const fn new(memory: M, root: PhysAddr, mode: PagingMode, cc: CcMask) -> Self {
+        PageTables {
+            memory,
+            root,
+            mode,
+            cc,
+        }
+    }
+
+    /// The table memory.
+    pub fn memory(&self) -> &M {
+        &self.memory
+    }
+    /// The root table.
+    pub const fn root(&self) -> PhysAddr {
+        self.root
+    }
+    /// The paging mode.
+    pub const fn mode(&self) -> PagingMode {
+        self.mode
+    }
+    /// The confidential-computing bits.
+    pub const fn cc_mask(&self) -> CcMask {
+        self.cc
+    }
+
+    /// Finds the leaf that maps `va`, **including a non-present one**: unlike
+    /// the CPU, it does not stop at a leaf whose PRESENT bit is clear, so the
+    /// conversion engine can recover the frame from entries it made
+    /// non-present itself. Upper levels must be present (the engine never
+    /// clears PRESENT in a table pointer). A zero entry means nothing is mapped.
+    pub fn lookup_address(&self, va: VirtAddr) -> Result<Leaf, WalkError> {
+        if !self.mode.is_canonical(va) {
+            return Err(WalkError::NonCanonical(va));
+        }
+        let mut table = self.root;
+        let mut level = self.mode.top();
+        loop {
+            let index = level.index_of(va);
+            let entry = Pte(self.memory.load(table, index));
+            if entry.is_unused() {
+                return Err(WalkError::NotMapped { va, level });
+            }
+            let huge = entry.0 & PteFlags::HUGE_PAGE.bits() != 0;
+            let lower = match level.lower() {
+                None => None,
+                Some(_) if huge && level.can_be_leaf() => None,
+                Some(_) if huge => return Err(WalkError::Reserved { va, level }),
+                Some(lower) => Some(lower),
+            };
+            match lower {
+                None => {
+                    return Ok(Leaf {
+                        va: va.align_down(level.entry_span()),
+                        level,
+                        table,
+                        index,
+                        entry,
+                    })
+                }
+                Some(lower) => {
+                    if !entry.is_present() {
+                        return Err(WalkError::NotMapped { va, level });
+                    }
+                    table = self.cc.table_addr(entry);
+                    level = lower;
+                }
+            }
+        }
+    }
+
+    /// Like the CPU's walk: the leaf mapping `va` only if it is present.
+    pub fn translate(&self, va: VirtAddr) -> Option<PhysAddr> {
+        let leaf = self.lookup_address(va).ok()?;
+        if !leaf.entry.is_present() {
+            return None;
+        }
+        let offset = va.0 - leaf.va.0;
+        Some(PhysAddr(self.cc.leaf_frame(leaf.entry, leaf.level).0 + offset))
+    }
+
+    /// Replaces the leaf's entry with `update(old)` atomically, retrying if
+    /// the CPU set A/D in between. Returns the value written. `Raced` if the
+    /// entry stopped being this leaf (another CPU split or unmapped it).
+    pub fn update_leaf(&self, leaf: &Leaf, update: impl Fn(Pte) -> Pte) -> Result<Pte, TableError> {
+        let mut current = self.memory.load(leaf.table, leaf.index);
+        loop {
+            if !same_leaf(current, leaf.entry, leaf.level, self.cc) {
+                return Err(TableError::Raced);
+            }
+            let new = update(Pte(current)).0;
+            match self
+                .memory
+                .compare_exchange(leaf.table, leaf.index, current, new)
+            {
+                Ok(_) => return Ok(Pte(new)),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Splits a present or non-present 2M/1G leaf into a table of 512 leaves
+    /// of the next size with the same attributes and C/S bits (PAT moved to
+    /// its 4K position when going to 4K). The translation is unchanged, so
+    /// no flush is needed for correctness of the new entries; stale large
+    /// TLB entries are the caller's to flush (the engine's step 3 does).
+    pub fn split(&self, leaf: &Leaf, alloc: &impl TableAllocator) -> Result<(), TableError> {
+        let child_level = match leaf.level {
+            Level::Pd => Level::Pt,
+            Level::Pdpt => Level::Pd,
+            _ => return Err(TableError::NotSplittable),
+        };
+        let frame = alloc
+            .allocate_table()
+            .ok_or(TableError::OutOfTableMemory)?;
+        let entry = leaf.entry.0;
+        let base = self.cc.leaf_frame(leaf.entry, leaf.level).0;
+        let cc_bits = entry & self.cc.all();
+        // Flags live outside the address field; PAT and PS need moving.
+        let flags = entry & !ADDR_FIELD;
+        let pat = entry & PAT_LARGE != 0;
+        let child_flags = if child_level == Level::Pt {
+            (flags & !PteFlags::HUGE_PAGE.bits()) | if pat { PAT_4K } else { 0 }
+        } else {
+            flags | if pat { PAT_LARGE } else { 0 }
+        };
+        let span = child_level.entry_span();
+        for i in 0..ENTRIES_PER_TABLE {
+            let child = child_flags | cc_bits | (base + i as u64 * span);
+            self.memory.store_unpublished(frame, i, child);
+        }
+        let user = entry & PteFlags::USER.bits();
+        let pointer = frame.0 | self.cc.private_bits() | TABLE_POINTER_FLAGS | user;
+        match self
+            .memory
+            .compare_exchange(leaf.table, leaf.index, entry, pointer)
+        {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                alloc.free_table(frame);
+                Err(TableError::Raced)
+            }
+        }
+    }
+
+    /// How many splits it takes until a leaf starts exactly at `va` (4K
+    /// aligned); 0 when `va` is unmapped, as there is nothing to split.
+    pub fn splits_needed_at(&self, va: VirtAddr) -> Result<u32, WalkError> {
+        let leaf = match self.lookup_address(va) {
+            Ok(leaf) => leaf,
+            Err(WalkError::NotMapped { .. }) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut level = leaf.level;
+        let mut splits = 0;
+        while !va.is_aligned(level.entry_span()) {
+            splits += 1;
+            match level.lower() {
+                Some(lower) => level = lower,
+                None => break,
+            }
+        }
+        Ok(splits)
+    }
+
+    /// Splits whatever leaf straddles `va` until a leaf starts at `va`.
+    /// `va` must be 4K aligned. Concurrent splitters are tolerated: a lost
+    /// race re-walks and finds the other CPU's split.
+    pub fn split_at(&self, va: VirtAddr, alloc: &impl TableAllocator) -> Result<u32, TableError> {
+        let mut splits = 0;
+        loop {
+            let leaf = match self.lookup_address(va) {
+                Ok(leaf) => leaf,
+                Err(WalkError::NotMapped { .. }) => return Ok(splits),
+                Err(e) => return Err(e.into()),
+            };
+            if leaf.va == va || leaf.level == Level::Pt {
+                return Ok(splits);
+            }
+            match self.split(&leaf, alloc) {
+                Ok(()) => splits += 1,
+                Err(TableError::Raced) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Maps one leaf of `level` at `va` to `frame` with `flags` (PRESENT is
+    /// not implied) and, for a shared mapping, the C/S bits from `shared`.
+    /// Creates intermediate tables. Refuses to replace anything mapped.
+    pub fn map_leaf(
+        &self,
+        va: VirtAddr,
+        frame: PhysAddr,
+        level: Level,
+        flags: PteFlags,
+        shared: bool,
+        alloc: &impl TableAllocator,
+    ) -> Result<(), TableError> {
+        let span = level.entry_span();
+        if !level.can_be_leaf()
+            || !va.is_aligned(span)
+            || !frame.is_aligned(span)
+            || frame.0 & !leaf_addr_field(level) != 0
+            || frame.0 & self.cc.all() != 0
+        {
+            return Err(TableError::BadLeaf);
+        }
+        if !self.mode.is_canonical(va) {
+            return Err(WalkError::NonCanonical(va).into());
+        }
+        let mut table = self.root;
+        let mut current = self.mode.top();
+        while current != level {
+            let index = current.index_of(va);
+            let entry = Pte(self.memory.load(table, index));
+            if entry.is_unused() {
+                let new_table = alloc
+                    .allocate_table()
+                    .ok_or(TableError::OutOfTableMemory)?;
+                for i in 0..ENTRIES_PER_TABLE {
+                    self.memory.store_unpublished(new_table, i, 0);
+                }
+                let pointer = new_table.0 | self.cc.private_bits() | TABLE_POINTER_FLAGS;
+                if self
+                    .memory
+                    .compare_exchange(table, index, 0, pointer)
+                    .is_err()
+                {
+                    alloc.free_table(new_table);
+                    continue;
+                }
+                table = new_table;
+            } else if !entry.is_present() || entry.0 & PteFlags::HUGE_PAGE.bits() != 0 {
+                return Err(TableError::AlreadyMapped { va, level: current });
+            } else {
+                table = self.cc.table_addr(entry);
+            }
+            current = match current.lower() {
+                Some(lower) => lower,
+                None => return Err(TableError::BadLeaf),
+            };
+        }
+        let huge = if level == Level::Pt {
+            0
+        } else {
+            PteFlags::HUGE_PAGE.bits()
+        };
+        let cc_bits = if shared {
+            self.cc.shared_bits()
+        } else {
+            self.cc.private_bits()
+        };
+        let entry = frame.0 | cc_bits | flags.bits() | huge;
+        self.memory
+            .compare_exchange(table, level.index_of(va), 0, entry)
+            .map(|_| ())
+            .map_err(|_| TableError::AlreadyMapped { va, level })
+    }
+
+    /// Clears the leaf mapping `va` (zeroes the entry) and returns what it
+    /// held. The caller flushes the TLB. Empty tables are not freed.
+    pub fn unmap_leaf(&self, va: VirtAddr) -> Result<Leaf, TableError> {
+        loop {
+            let leaf = self.lookup_address(va)?;
+            if self
+                .memory
+                .compare_exchange(leaf.table, leaf.index, leaf.entry.0, 0)
+                .is_ok()
+            {
+                return Ok(leaf);
+            }
+        }
+    }
+}
+
+/// Whether `current` is still the same leaf as `seen` (same frame, same
+/// kind), ignoring bits the CPU or the engine may legitimately change.
+fn same_leaf(current: u64, seen: Pte, level: Level, cc: CcMask) -> bool {
+    let current = Pte(current);
+    let huge = PteFlags::HUGE_PAGE.bits();
+    !current.is_unused()
+        && cc.leaf_frame(current, level) == cc.leaf_frame(seen, level)
+        && (level == Level::Pt || (current.0 & huge) == (seen.0 & huge))
+}

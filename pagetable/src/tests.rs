@@ -1,0 +1,305 @@
+use crate::sim::SimMemory;
+use crate::*;
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+
+fn tables(mem: &SimMemory, mode: PagingMode, cc: CcMask) -> PageTables<&SimMemory> {
+    let root = mem.allocate_zeroed();
+    PageTables::new(mem, root, mode, cc)
+}
+
+fn kernel_rw() -> PteFlags {
+    PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::NO_EXECUTE | PteFlags::GLOBAL
+}
+
+/// Clears PRESENT the way the engine does, through update_leaf.
+fn make_not_present(pt: &PageTables<&SimMemory>, va: VirtAddr) -> Leaf {
+    let leaf = pt.lookup_address(va).unwrap();
+    pt.update_leaf(&leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
+        .unwrap();
+    pt.lookup_address(va).unwrap()
+}
+
+#[test]
+fn frame_recovered_from_non_present_leaves_at_every_level_and_encoding() {
+    let cases = [
+        (Level::Pt, 0x4000_0000_1000u64 + 0x1000, 0x12_3456_7000u64),
+        (Level::Pd, 0x4000_0020_0000 + 0x40_0000, 0x12_3460_0000),
+        (Level::Pdpt, 0x4080_0000_0000, 0x7_c000_0000),
+    ];
+    for gpaw in [48u8, 52] {
+        let cc = CcMask::tdx(gpaw).unwrap();
+        assert_eq!(cc.shared_bits(), 1 << (gpaw - 1));
+        for shared in [false, true] {
+            for (level, va, frame) in cases {
+                let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+                let pt = tables(&mem, PagingMode::FourLevel, cc);
+                pt.map_leaf(VirtAddr(va), PhysAddr(frame), level, kernel_rw(), shared, &&mem)
+                    .unwrap();
+                let leaf = make_not_present(&pt, VirtAddr(va + 0x234));
+                assert!(!leaf.entry.is_present());
+                assert_eq!(leaf.level, level, "gpaw {gpaw} shared {shared}");
+                assert_eq!(leaf.va, VirtAddr(va));
+                assert_eq!(cc.is_shared(leaf.entry), shared);
+                assert_eq!(
+                    leaf.entry.0 & cc.shared_bits() != 0,
+                    shared,
+                    "the raw entry carries the shared bit"
+                );
+                assert_eq!(cc.leaf_frame(leaf.entry, level), PhysAddr(frame));
+                // The CPU's view: nothing there.
+                assert_eq!(pt.translate(VirtAddr(va)), None);
+            }
+        }
+    }
+}
+
+#[test]
+fn sev_style_private_bit_is_masked_from_frames_and_table_pointers() {
+    let cc = CcMask::with_private_bit(51).unwrap();
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, cc);
+    let va = VirtAddr(0xffff_8880_0000_0000);
+    pt.map_leaf(va, PhysAddr(0x20_0000), Level::Pd, kernel_rw(), false, &&mem)
+        .unwrap();
+    // The PML4 entry points to a table in encrypted memory: C-bit set.
+    let top = Pte(mem.load(pt.root(), Level::Pml4.index_of(va)));
+    assert_ne!(top.0 & (1 << 51), 0);
+    let leaf = make_not_present(&pt, va);
+    assert!(!cc.is_shared(leaf.entry));
+    assert_eq!(cc.leaf_frame(leaf.entry, Level::Pd), PhysAddr(0x20_0000));
+    let shared = cc.make_shared(leaf.entry);
+    assert!(cc.is_shared(shared));
+    assert_eq!(shared.0 & (1 << 51), 0);
+    assert_eq!(cc.leaf_frame(shared, Level::Pd), PhysAddr(0x20_0000));
+}
+
+#[test]
+fn masks_refuse_bits_outside_the_address_field() {
+    assert_eq!(CcMask::tdx(47), Err(MaskError::UnsupportedGpaw(47)));
+    assert_eq!(
+        CcMask::with_shared_bit(11),
+        Err(MaskError::BitOutsideAddressField(11))
+    );
+    assert_eq!(
+        CcMask::with_private_bit(52),
+        Err(MaskError::BitOutsideAddressField(52))
+    );
+    // The "none" mask changes no address bit.
+    assert_eq!(CcMask::NONE.all() & ADDR_FIELD, 0);
+}
+
+#[test]
+fn walk_reports_unmapped_non_canonical_and_reserved() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
+    assert_eq!(
+        pt.lookup_address(VirtAddr(0x1000)),
+        Err(WalkError::NotMapped {
+            va: VirtAddr(0x1000),
+            level: Level::Pml4
+        })
+    );
+    assert_eq!(
+        pt.lookup_address(VirtAddr(0x0000_8000_0000_0000)),
+        Err(WalkError::NonCanonical(VirtAddr(0x0000_8000_0000_0000)))
+    );
+    pt.map_leaf(VirtAddr(0x20_0000), PhysAddr(0x20_0000), Level::Pd, kernel_rw(), false, &&mem)
+        .unwrap();
+    // Next 2M is inside a present PD but its entry is zero.
+    assert_eq!(
+        pt.lookup_address(VirtAddr(0x40_0000)),
+        Err(WalkError::NotMapped {
+            va: VirtAddr(0x40_0000),
+            level: Level::Pd
+        })
+    );
+    // PS at PML4 level is reserved.
+    let root_entry = mem.load(pt.root(), 0);
+    mem.compare_exchange(pt.root(), 0, root_entry, root_entry | PteFlags::HUGE_PAGE.bits())
+        .unwrap();
+    assert_eq!(
+        pt.lookup_address(VirtAddr(0x20_0000)),
+        Err(WalkError::Reserved {
+            va: VirtAddr(0x20_0000),
+            level: Level::Pml4
+        })
+    );
+}
+
+#[test]
+fn five_level_walk_uses_the_extra_table() {
+    let cc = CcMask::tdx(52).unwrap();
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FiveLevel, cc);
+    // Canonical only with 57-bit addresses.
+    let va = VirtAddr(0xff11_0000_0000_0000);
+    assert!(!PagingMode::FourLevel.is_canonical(va));
+    pt.map_leaf(va, PhysAddr(0x8_0000_0000), Level::Pdpt, kernel_rw(), true, &&mem)
+        .unwrap();
+    assert_ne!(mem.load(pt.root(), Level::Pml5.index_of(va)), 0);
+    let leaf = pt.lookup_address(VirtAddr(va.0 + 0x1234_5678)).unwrap();
+    assert_eq!(leaf.level, Level::Pdpt);
+    assert_eq!(
+        pt.translate(VirtAddr(va.0 + 0x1234_5678)),
+        Some(PhysAddr(0x8_1234_5678))
+    );
+    assert_eq!(PagingMode::FiveLevel.va_bits(), 57);
+}
+
+/// Every 4K page of `[va, va+len)` translates and carries the same flags
+/// and C/S bits before and after.
+fn translations(pt: &PageTables<&SimMemory>, va: u64, len: u64) -> Vec<(Option<PhysAddr>, u64)> {
+    (0..len / PAGE_SIZE)
+        .map(|i| {
+            let v = VirtAddr(va + i * PAGE_SIZE);
+            let leaf = pt.lookup_address(v).unwrap();
+            // Normalise the PAT position so 2M and 4K entries compare.
+            let pat = leaf.entry.0
+                & if leaf.level == Level::Pt {
+                    PAT_4K
+                } else {
+                    PAT_LARGE
+                }
+                != 0;
+            let flags = leaf.entry.0 & !ADDR_FIELD & !PteFlags::HUGE_PAGE.bits();
+            let cc = leaf.entry.0 & pt.cc_mask().all();
+            (pt.translate(v), flags | cc | (pat as u64) << 10)
+        })
+        .collect()
+}
+
+#[test]
+fn split_2m_keeps_translation_attributes_pat_and_shared_bit() {
+    let cc = CcMask::tdx(48).unwrap();
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, cc);
+    let va = 0xffff_8880_0060_0000u64;
+    let flags = kernel_rw() | PteFlags::WRITE_THROUGH;
+    pt.map_leaf(VirtAddr(va), PhysAddr(0x3460_0000), Level::Pd, flags, true, &&mem)
+        .unwrap();
+    // Set the large-page PAT bit by hand.
+    let leaf = pt.lookup_address(VirtAddr(va)).unwrap();
+    pt.update_leaf(&leaf, |e| Pte(e.0 | PAT_LARGE)).unwrap();
+    let before = translations(&pt, va, MIB2);
+    let leaf = pt.lookup_address(VirtAddr(va)).unwrap();
+    pt.split(&leaf, &&mem).unwrap();
+    let after = translations(&pt, va, MIB2);
+    assert_eq!(before, after);
+    let child = pt.lookup_address(VirtAddr(va + 0x4000)).unwrap();
+    assert_eq!(child.level, Level::Pt);
+    assert_ne!(child.entry.0 & PAT_4K, 0, "PAT moved to bit 7");
+    assert_eq!(child.entry.0 & PAT_LARGE, 0, "bit 12 is an address bit at 4K");
+    assert!(cc.is_shared(child.entry));
+    assert_eq!(cc.leaf_frame(child.entry, Level::Pt), PhysAddr(0x3460_4000));
+    // 4K leaves cannot be split.
+    assert_eq!(pt.split(&child, &&mem), Err(TableError::NotSplittable));
+}
+
+#[test]
+fn split_1g_gives_2m_leaves_that_stay_large() {
+    let cc = CcMask::tdx(52).unwrap();
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, cc);
+    let va = 0xffff_8881_0000_0000u64;
+    pt.map_leaf(VirtAddr(va), PhysAddr(3 * GIB), Level::Pdpt, kernel_rw(), false, &&mem)
+        .unwrap();
+    let before = translations(&pt, va, 8 * MIB2);
+    let leaf = pt.lookup_address(VirtAddr(va)).unwrap();
+    pt.split(&leaf, &&mem).unwrap();
+    assert_eq!(before, translations(&pt, va, 8 * MIB2));
+    let child = pt.lookup_address(VirtAddr(va + 511 * MIB2 + 5)).unwrap();
+    assert_eq!(child.level, Level::Pd);
+    assert_eq!(
+        cc.leaf_frame(child.entry, Level::Pd),
+        PhysAddr(3 * GIB + 511 * MIB2)
+    );
+}
+
+#[test]
+fn split_at_splits_only_what_straddles() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::tdx(48).unwrap());
+    let va = 0x40_0000_0000u64;
+    pt.map_leaf(VirtAddr(va), PhysAddr(GIB), Level::Pdpt, kernel_rw(), false, &&mem)
+        .unwrap();
+    // On a 1G boundary and on a 2M boundary inside: nothing / one split.
+    assert_eq!(pt.splits_needed_at(VirtAddr(va)), Ok(0));
+    assert_eq!(pt.splits_needed_at(VirtAddr(va + MIB2)), Ok(1));
+    assert_eq!(pt.splits_needed_at(VirtAddr(va + MIB2 + 0x3000)), Ok(2));
+    assert_eq!(pt.splits_needed_at(VirtAddr(0x80_0000_0000)), Ok(0));
+    let free = mem.free_frames();
+    assert_eq!(pt.split_at(VirtAddr(va), &&mem), Ok(0));
+    assert_eq!(pt.split_at(VirtAddr(va + MIB2 + 0x3000), &&mem), Ok(2));
+    assert_eq!(mem.free_frames(), free - 2);
+    assert_eq!(pt.lookup_address(VirtAddr(va)).unwrap().level, Level::Pd);
+    assert_eq!(
+        pt.lookup_address(VirtAddr(va + MIB2 + 0x3000)).unwrap().level,
+        Level::Pt
+    );
+    assert_eq!(
+        pt.lookup_address(VirtAddr(va + 2 * MIB2)).unwrap().level,
+        Level::Pd,
+        "the neighbours stay 2M"
+    );
+}
+
+#[test]
+fn split_without_memory_changes_nothing() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 3);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
+    pt.map_leaf(VirtAddr(0), PhysAddr(0), Level::Pd, kernel_rw(), false, &&mem)
+        .unwrap();
+    assert_eq!(mem.free_frames(), 0);
+    let before = mem.snapshot();
+    assert_eq!(
+        pt.split_at(VirtAddr(0x1000), &&mem),
+        Err(TableError::OutOfTableMemory)
+    );
+    assert_eq!(before, mem.snapshot());
+}
+
+#[test]
+fn update_leaf_notices_a_concurrent_split() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 8);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
+    pt.map_leaf(VirtAddr(0), PhysAddr(0), Level::Pd, kernel_rw(), false, &&mem)
+        .unwrap();
+    let stale = pt.lookup_address(VirtAddr(0)).unwrap();
+    pt.split(&stale, &&mem).unwrap();
+    assert_eq!(
+        pt.update_leaf(&stale, |e| Pte(e.0 & !1)),
+        Err(TableError::Raced)
+    );
+    assert_eq!(pt.split(&stale, &&mem), Err(TableError::Raced));
+}
+
+#[test]
+fn map_leaf_refuses_overlaps_and_bad_leaves() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 8);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::tdx(48).unwrap());
+    pt.map_leaf(VirtAddr(0), PhysAddr(0), Level::Pd, kernel_rw(), false, &&mem)
+        .unwrap();
+    assert_eq!(
+        pt.map_leaf(VirtAddr(0x1000), PhysAddr(0x1000), Level::Pt, kernel_rw(), false, &&mem),
+        Err(TableError::AlreadyMapped {
+            va: VirtAddr(0x1000),
+            level: Level::Pd
+        })
+    );
+    for (va, pa, level) in [
+        (0x1000, 0, Level::Pd),
+        (0, 0x1000, Level::Pd),
+        (0, 0, Level::Pml4),
+        (0x20_0000, 1 << 47, Level::Pd),
+    ] {
+        assert_eq!(
+            pt.map_leaf(VirtAddr(va), PhysAddr(pa), level, kernel_rw(), false, &&mem),
+            Err(TableError::BadLeaf)
+        );
+    }
+    let gone = pt.unmap_leaf(VirtAddr(0x1234)).unwrap();
+    assert_eq!(gone.level, Level::Pd);
+    assert!(pt.lookup_address(VirtAddr(0)).is_err());
+}
