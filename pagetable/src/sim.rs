@@ -25,7 +25,10 @@ pub struct SimMemory {
 impl SimMemory {
     /// A memory of `frames` frames starting at `base` (page aligned).
     pub fn new(base: PhysAddr, frames: usize) -> SimMemory {
-        assert!(base.is_aligned(PAGE_SIZE), "sim memory base must be page aligned");
+        assert!(
+            base.is_aligned(PAGE_SIZE),
+            "sim memory base must be page aligned"
+        );
         let words = (0..frames * ENTRIES_PER_TABLE)
             .map(|_| AtomicU64::new(0))
             .collect();
@@ -43,7 +46,10 @@ impl SimMemory {
     }
 
     fn word(&self, table: PhysAddr, index: usize) -> &AtomicU64 {
-        assert!(index < ENTRIES_PER_TABLE, "entry index {index} out of range");
+        assert!(
+            index < ENTRIES_PER_TABLE,
+            "entry index {index} out of range"
+        );
         let frame = table
             .0
             .checked_sub(self.base)
@@ -61,7 +67,10 @@ impl SimMemory {
     /// Every word of table memory: compare two snapshots to prove nothing
     /// was written.
     pub fn snapshot(&self) -> Vec<u64> {
-        self.words.iter().map(|w| w.load(Ordering::SeqCst)).collect()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// Number of successful writes so far.
@@ -109,9 +118,12 @@ impl TableMemory for SimMemory {
         new: u64,
     ) -> Result<u64, u64> {
         self.before_write(table, index, current, new);
-        let result =
-            self.word(table, index)
-                .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst);
+        let result = self.word(table, index).compare_exchange(
+            current,
+            new,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         if result.is_ok() {
             self.writes.fetch_add(1, Ordering::SeqCst);
         }

@@ -226,7 +226,9 @@ impl<M: TableMemory> PageTables<M> {
             return None;
         }
         let offset = va.0 - leaf.va.0;
-        Some(PhysAddr(self.cc.leaf_frame(leaf.entry, leaf.level).0 + offset))
+        Some(PhysAddr(
+            self.cc.leaf_frame(leaf.entry, leaf.level).0 + offset,
+        ))
     }
 
     /// Replaces the leaf's entry with `update(old)` atomically, retrying if
@@ -260,9 +262,7 @@ impl<M: TableMemory> PageTables<M> {
             Level::Pdpt => Level::Pd,
             _ => return Err(TableError::NotSplittable),
         };
-        let frame = alloc
-            .allocate_table()
-            .ok_or(TableError::OutOfTableMemory)?;
+        let frame = alloc.allocate_table().ok_or(TableError::OutOfTableMemory)?;
         let entry = leaf.entry.0;
         let base = self.cc.leaf_frame(leaf.entry, leaf.level).0;
         let cc_bits = entry & self.cc.all();
@@ -365,9 +365,7 @@ impl<M: TableMemory> PageTables<M> {
             let index = current.index_of(va);
             let entry = Pte(self.memory.load(table, index));
             if entry.is_unused() {
-                let new_table = alloc
-                    .allocate_table()
-                    .ok_or(TableError::OutOfTableMemory)?;
+                let new_table = alloc.allocate_table().ok_or(TableError::OutOfTableMemory)?;
                 for i in 0..ENTRIES_PER_TABLE {
                     self.memory.store_unpublished(new_table, i, 0);
                 }

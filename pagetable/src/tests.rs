@@ -35,8 +35,15 @@ fn frame_recovered_from_non_present_leaves_at_every_level_and_encoding() {
             for (level, va, frame) in cases {
                 let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
                 let pt = tables(&mem, PagingMode::FourLevel, cc);
-                pt.map_leaf(VirtAddr(va), PhysAddr(frame), level, kernel_rw(), shared, &&mem)
-                    .unwrap();
+                pt.map_leaf(
+                    VirtAddr(va),
+                    PhysAddr(frame),
+                    level,
+                    kernel_rw(),
+                    shared,
+                    &&mem,
+                )
+                .unwrap();
                 let leaf = make_not_present(&pt, VirtAddr(va + 0x234));
                 assert!(!leaf.entry.is_present());
                 assert_eq!(leaf.level, level, "gpaw {gpaw} shared {shared}");
@@ -61,8 +68,15 @@ fn sev_style_private_bit_is_masked_from_frames_and_table_pointers() {
     let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
     let pt = tables(&mem, PagingMode::FourLevel, cc);
     let va = VirtAddr(0xffff_8880_0000_0000);
-    pt.map_leaf(va, PhysAddr(0x20_0000), Level::Pd, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        va,
+        PhysAddr(0x20_0000),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     // The PML4 entry points to a table in encrypted memory: C-bit set.
     let top = Pte(mem.load(pt.root(), Level::Pml4.index_of(va)));
     assert_ne!(top.0 & (1 << 51), 0);
@@ -105,8 +119,15 @@ fn walk_reports_unmapped_non_canonical_and_reserved() {
         pt.lookup_address(VirtAddr(0x0000_8000_0000_0000)),
         Err(WalkError::NonCanonical(VirtAddr(0x0000_8000_0000_0000)))
     );
-    pt.map_leaf(VirtAddr(0x20_0000), PhysAddr(0x20_0000), Level::Pd, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(0x20_0000),
+        PhysAddr(0x20_0000),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     // Next 2M is inside a present PD but its entry is zero.
     assert_eq!(
         pt.lookup_address(VirtAddr(0x40_0000)),
@@ -117,8 +138,13 @@ fn walk_reports_unmapped_non_canonical_and_reserved() {
     );
     // PS at PML4 level is reserved.
     let root_entry = mem.load(pt.root(), 0);
-    mem.compare_exchange(pt.root(), 0, root_entry, root_entry | PteFlags::HUGE_PAGE.bits())
-        .unwrap();
+    mem.compare_exchange(
+        pt.root(),
+        0,
+        root_entry,
+        root_entry | PteFlags::HUGE_PAGE.bits(),
+    )
+    .unwrap();
     assert_eq!(
         pt.lookup_address(VirtAddr(0x20_0000)),
         Err(WalkError::Reserved {
@@ -136,8 +162,15 @@ fn five_level_walk_uses_the_extra_table() {
     // Canonical only with 57-bit addresses.
     let va = VirtAddr(0xff11_0000_0000_0000);
     assert!(!PagingMode::FourLevel.is_canonical(va));
-    pt.map_leaf(va, PhysAddr(0x8_0000_0000), Level::Pdpt, kernel_rw(), true, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        va,
+        PhysAddr(0x8_0000_0000),
+        Level::Pdpt,
+        kernel_rw(),
+        true,
+        &&mem,
+    )
+    .unwrap();
     assert_ne!(mem.load(pt.root(), Level::Pml5.index_of(va)), 0);
     let leaf = pt.lookup_address(VirtAddr(va.0 + 0x1234_5678)).unwrap();
     assert_eq!(leaf.level, Level::Pdpt);
@@ -177,8 +210,15 @@ fn split_2m_keeps_translation_attributes_pat_and_shared_bit() {
     let pt = tables(&mem, PagingMode::FourLevel, cc);
     let va = 0xffff_8880_0060_0000u64;
     let flags = kernel_rw() | PteFlags::WRITE_THROUGH;
-    pt.map_leaf(VirtAddr(va), PhysAddr(0x3460_0000), Level::Pd, flags, true, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(va),
+        PhysAddr(0x3460_0000),
+        Level::Pd,
+        flags,
+        true,
+        &&mem,
+    )
+    .unwrap();
     // Set the large-page PAT bit by hand.
     let leaf = pt.lookup_address(VirtAddr(va)).unwrap();
     pt.update_leaf(&leaf, |e| Pte(e.0 | PAT_LARGE)).unwrap();
@@ -190,7 +230,11 @@ fn split_2m_keeps_translation_attributes_pat_and_shared_bit() {
     let child = pt.lookup_address(VirtAddr(va + 0x4000)).unwrap();
     assert_eq!(child.level, Level::Pt);
     assert_ne!(child.entry.0 & PAT_4K, 0, "PAT moved to bit 7");
-    assert_eq!(child.entry.0 & PAT_LARGE, 0, "bit 12 is an address bit at 4K");
+    assert_eq!(
+        child.entry.0 & PAT_LARGE,
+        0,
+        "bit 12 is an address bit at 4K"
+    );
     assert!(cc.is_shared(child.entry));
     assert_eq!(cc.leaf_frame(child.entry, Level::Pt), PhysAddr(0x3460_4000));
     // 4K leaves cannot be split.
@@ -203,8 +247,15 @@ fn split_1g_gives_2m_leaves_that_stay_large() {
     let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
     let pt = tables(&mem, PagingMode::FourLevel, cc);
     let va = 0xffff_8881_0000_0000u64;
-    pt.map_leaf(VirtAddr(va), PhysAddr(3 * GIB), Level::Pdpt, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(va),
+        PhysAddr(3 * GIB),
+        Level::Pdpt,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     let before = translations(&pt, va, 8 * MIB2);
     let leaf = pt.lookup_address(VirtAddr(va)).unwrap();
     pt.split(&leaf, &&mem).unwrap();
@@ -222,8 +273,15 @@ fn split_at_splits_only_what_straddles() {
     let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
     let pt = tables(&mem, PagingMode::FourLevel, CcMask::tdx(48).unwrap());
     let va = 0x40_0000_0000u64;
-    pt.map_leaf(VirtAddr(va), PhysAddr(GIB), Level::Pdpt, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(va),
+        PhysAddr(GIB),
+        Level::Pdpt,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     // On a 1G boundary and on a 2M boundary inside: nothing / one split.
     assert_eq!(pt.splits_needed_at(VirtAddr(va)), Ok(0));
     assert_eq!(pt.splits_needed_at(VirtAddr(va + MIB2)), Ok(1));
@@ -235,7 +293,9 @@ fn split_at_splits_only_what_straddles() {
     assert_eq!(mem.free_frames(), free - 2);
     assert_eq!(pt.lookup_address(VirtAddr(va)).unwrap().level, Level::Pd);
     assert_eq!(
-        pt.lookup_address(VirtAddr(va + MIB2 + 0x3000)).unwrap().level,
+        pt.lookup_address(VirtAddr(va + MIB2 + 0x3000))
+            .unwrap()
+            .level,
         Level::Pt
     );
     assert_eq!(
@@ -249,8 +309,15 @@ fn split_at_splits_only_what_straddles() {
 fn split_without_memory_changes_nothing() {
     let mem = SimMemory::new(PhysAddr(0x100_0000), 3);
     let pt = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
-    pt.map_leaf(VirtAddr(0), PhysAddr(0), Level::Pd, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(0),
+        PhysAddr(0),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     assert_eq!(mem.free_frames(), 0);
     let before = mem.snapshot();
     assert_eq!(
@@ -264,8 +331,15 @@ fn split_without_memory_changes_nothing() {
 fn update_leaf_notices_a_concurrent_split() {
     let mem = SimMemory::new(PhysAddr(0x100_0000), 8);
     let pt = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
-    pt.map_leaf(VirtAddr(0), PhysAddr(0), Level::Pd, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(0),
+        PhysAddr(0),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     let stale = pt.lookup_address(VirtAddr(0)).unwrap();
     pt.split(&stale, &&mem).unwrap();
     assert_eq!(
@@ -279,10 +353,24 @@ fn update_leaf_notices_a_concurrent_split() {
 fn map_leaf_refuses_overlaps_and_bad_leaves() {
     let mem = SimMemory::new(PhysAddr(0x100_0000), 8);
     let pt = tables(&mem, PagingMode::FourLevel, CcMask::tdx(48).unwrap());
-    pt.map_leaf(VirtAddr(0), PhysAddr(0), Level::Pd, kernel_rw(), false, &&mem)
-        .unwrap();
+    pt.map_leaf(
+        VirtAddr(0),
+        PhysAddr(0),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
     assert_eq!(
-        pt.map_leaf(VirtAddr(0x1000), PhysAddr(0x1000), Level::Pt, kernel_rw(), false, &&mem),
+        pt.map_leaf(
+            VirtAddr(0x1000),
+            PhysAddr(0x1000),
+            Level::Pt,
+            kernel_rw(),
+            false,
+            &&mem
+        ),
         Err(TableError::AlreadyMapped {
             va: VirtAddr(0x1000),
             level: Level::Pd

@@ -1,0 +1,27 @@
+# Two entry points, both safe to run on a fresh Debian machine as root:
+#   make run   - the demo: convert memory back and forth and show every step
+#   make test  - formatting, lints, bare-metal builds and every test
+# Both install what is missing first (see `setup`).
+
+CARGO ?= cargo
+BARE_METAL_TARGET := x86_64-unknown-none
+LIBRARIES := -p pagetable -p tdx_hypercall -p set_memory_enc
+
+.PHONY: setup run test fmt
+
+setup:
+	@./scripts/setup.sh
+
+run: setup
+	$(CARGO) run --quiet -p demo
+
+test: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+	$(CARGO) clippy $(LIBRARIES) --target $(BARE_METAL_TARGET) -- -D warnings
+	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
+	$(CARGO) test --workspace --all-features
+	$(CARGO) run --quiet -p demo > /dev/null
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,675 @@
+//! Private<->shared conversion of guest memory in a confidential VM, without
+//! ever letting an access meet a page in the other state.
+//!
+//! A conversion changes two things that cannot change at once: the C/S bit in
+//! the guest's page-table entries and the hypervisor's (or TDX module's) view
+//! of the page. An access in between raises a CoCo exception (#VE on TDX), and
+//! `load_unaligned_zeropad()` may make such an access at any moment, reading
+//! across a page boundary into the page being converted. So every conversion
+//! here makes the entries non-present first (Michael Kelley's design, merged in
+//! Linux only for Hyper-V vTOM), and a racing access takes an ordinary #PF,
+//! which the exception-table fixup handles:
+//!
+//! 1. remove aliasing mappings of the frames ([`Machine::remove_aliases`])
+//! 2. clear PRESENT in every leaf entry of the range
+//! 3. flush the TLB on all CPUs and wait ([`Machine::flush_tlb_all`])
+//! 4. flush caches if the platform needs it ([`Platform::needs_cache_flush`])
+//! 5. flip the C/S bit in the non-present entries
+//! 6. notify the hypervisor ([`Platform::notify`]) with frames read back from
+//!    the non-present entries
+//! 7. set PRESENT again (adding permission needs no flush)
+//!
+//! See [`Converter::set_memory_shared`]. Failure policy: bad input changes
+//! nothing; a hypervisor failure after step 2 leaves the pages whose state is
+//! unknown non-present and returns them as [`Quarantine`]: never reuse them.
+#![cfg_attr(not(any(test, feature = "sim")), no_std)]
+#![deny(unsafe_code)]
+
+mod inflight;
+pub mod platform;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+
+pub use inflight::MAX_IN_FLIGHT;
+use inflight::{InFlight, ReserveError};
+use pagetable::{
+    CcMask, Leaf, PageTables, PhysAddr, Pte, PteFlags, TableAllocator, TableError, TableMemory,
+    VirtAddr, WalkError, PAGE_SIZE,
+};
+
+/// Which way a conversion goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Private -> shared (Linux: `set_memory_decrypted`).
+    ToShared,
+    /// Shared -> private (Linux: `set_memory_encrypted`).
+    ToPrivate,
+}
+
+/// A piece of the range that is contiguous both virtually and physically: the
+/// unit the hypervisor is told about, once each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpaRun {
+    /// First virtual address.
+    pub va: VirtAddr,
+    /// First guest-physical address, without the C/S bit.
+    pub gpa: PhysAddr,
+    /// Length in bytes (a multiple of 4K).
+    pub bytes: u64,
+}
+
+impl GpaRun {
+    /// One past the last guest-physical address.
+    pub const fn gpa_end(&self) -> PhysAddr {
+        PhysAddr(self.gpa.0 + self.bytes)
+    }
+    /// Number of 4K pages.
+    pub const fn pages(&self) -> u64 {
+        self.bytes / PAGE_SIZE
+    }
+}
+
+/// A hypervisor notification that failed part-way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifyError<E> {
+    /// `[run.gpa, consistent_up_to)` fully reached the target state; nothing
+    /// is known of the rest of the run.
+    pub consistent_up_to: PhysAddr,
+    /// What the platform saw.
+    pub cause: E,
+}
+
+/// What differs between confidential-computing platforms. The engine calls
+/// nothing else, so SEV-SNP (PSC + PVALIDATE through a temporary private
+/// mapping) and Hyper-V vTOM (host-visibility hypercall) fit behind it.
+pub trait Platform {
+    /// The platform's failure report.
+    type Error: core::fmt::Debug + Clone + Copy;
+    /// The C/S bits of this platform's entries.
+    fn cc_mask(&self) -> CcMask;
+    /// Step 4: whether caches must be written back before the pages change
+    /// state in `direction`.
+    fn needs_cache_flush(&self, direction: Direction) -> bool;
+    /// Step 6: make the hypervisor's view of `run` match `direction` (TDX:
+    /// MapGPA, then ACCEPT when going private). Called while every entry of
+    /// the run is non-present and already carries the new C/S bit.
+    fn notify(&self, run: &GpaRun, direction: Direction) -> Result<(), NotifyError<Self::Error>>;
+}
+
+/// The steps, numbered as in the design.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// 1: remove aliasing mappings.
+    RemoveAliases = 1,
+    /// 2: clear PRESENT.
+    ClearPresent = 2,
+    /// 3: flush TLBs on all CPUs.
+    FlushTlb = 3,
+    /// 4: flush caches (only when the platform needs it).
+    FlushCaches = 4,
+    /// 5: flip the C/S bit.
+    FlipEncoding = 5,
+    /// 6: notify the hypervisor.
+    NotifyHypervisor = 6,
+    /// 7: set PRESENT.
+    SetPresent = 7,
+}
+
+/// What the kernel provides: the CPU-wide operations the steps need.
+pub trait Machine {
+    /// Step 1: remove every other mapping of the frames of `run` (lazily
+    /// freed vmalloc-style aliases); their TLB entries go in step 3.
+    fn remove_aliases(&self, run: &GpaRun);
+    /// Step 3: invalidate all TLBs on all CPUs (global entries included) and
+    /// return only when every CPU has acknowledged.
+    fn flush_tlb_all(&self);
+    /// Step 4: write back and invalidate the caches for `run`'s frames.
+    fn flush_caches(&self, run: &GpaRun);
+    /// Called as each step starts, for tracing. Default: nothing.
+    fn on_step(&self, step: Step, direction: Direction, va: VirtAddr, pages: u64) {
+        let _ = (step, direction, va, pages);
+    }
+}
+
+/// Memory a failed conversion leaves behind in an unknown state. Its entries
+/// stay non-present. **It must never be reused**: not freed, not mapped again
+/// (Linux and COCONUT-SVSM leak such memory; freeing it was CVE-2024-35939).
+/// Pages of the call before `va` reached the target state and are usable;
+/// pages after it were rolled back to their original state and are usable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quarantine<E> {
+    /// First virtual address that is quarantined.
+    pub va: VirtAddr,
+    /// Its guest-physical address.
+    pub gpa: PhysAddr,
+    /// Quarantined bytes, from `va`.
+    pub bytes: u64,
+    /// What the platform reported.
+    pub cause: E,
+}
+
+/// Why a conversion did not happen. Every variant but [`ConvError::Quarantined`]
+/// and [`ConvError::TablesChanged`] means no entry was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvError<E> {
+    /// The address is not 4K aligned.
+    Unaligned(VirtAddr),
+    /// Zero pages asked for.
+    ZeroLength,
+    /// The range wraps around the address space.
+    Overflow,
+    /// Part of the range is not canonical.
+    NonCanonical(VirtAddr),
+    /// Part of the range is not mapped.
+    NotMapped(VirtAddr),
+    /// Part of the range is mapped non-present (quarantined, or not ours).
+    NotPresent(VirtAddr),
+    /// Part of the range is already in the target state.
+    AlreadyInTargetState(VirtAddr),
+    /// The range overlaps a conversion in progress on another CPU.
+    Busy {
+        /// Start of the conversion in progress.
+        start: VirtAddr,
+        /// Its end.
+        end: VirtAddr,
+    },
+    /// Conversions were stopped ([`Converter::stop_conversions`]).
+    Stopped,
+    /// More than [`MAX_IN_FLIGHT`] conversions in progress.
+    TooManyInFlight,
+    /// No memory for the page tables a split needs.
+    OutOfTableMemory,
+    /// The hypervisor failed mid-way; see [`Quarantine`].
+    Quarantined(Quarantine<E>),
+    /// An entry of the reserved range changed under the engine: someone broke
+    /// the rule that only the engine touches a range while converting it.
+    TablesChanged(VirtAddr),
+}
+
+/// What a successful conversion did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConvStats {
+    /// 4K pages converted.
+    pub pages: u64,
+    /// Leaf entries changed (a 2M leaf counts once).
+    pub leaves: u64,
+    /// Large leaves split because the range covered them partially.
+    pub splits: u32,
+    /// Hypervisor notifications (one per contiguous GPA run).
+    pub runs: u64,
+}
+
+/// The conversion engine for one address space. Share it between CPUs:
+/// conversions of disjoint ranges run concurrently.
+pub struct Converter<M, A, K, P> {
+    tables: PageTables<M>,
+    allocator: A,
+    machine: K,
+    platform: P,
+    in_flight: InFlight,
+}
+
+/// A validated `[start, end)`.
+#[derive(Clone, Copy)]
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+impl<M, A, K, P> Converter<M, A, K, P>
+where
+    M: TableMemory,
+    A: TableAllocator,
+    K: Machine,
+    P: Platform,
+{
+    /// An engine over the tables rooted at `tables.root()`. The tables' C/S
+    /// bits are taken from the platform, so the two cannot disagree.
+    pub fn new(
+        memory: M,
+        root: PhysAddr,
+        mode: pagetable::PagingMode,
+        allocator: A,
+        machine: K,
+        platform: P,
+    ) -> Self {
+        let tables = PageTables::new(memory, root, mode, platform.cc_mask());
+        Converter {
+            tables,
+            allocator,
+            machine,
+            platform,
+            in_flight: InFlight::new(),
+        }
+    }
+
+    /// The page tables (for walks, mappings and tests).
+    pub fn tables(&self) -> &PageTables<M> {
+        &self.tables
+    }
+    /// The kernel hooks.
+    pub fn machine(&self) -> &K {
+        &self.machine
+    }
+    /// The platform.
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// Makes `pages` 4K pages from `va` shared with the hypervisor.
+    pub fn set_memory_shared(
+        &self,
+        va: VirtAddr,
+        pages: u64,
+    ) -> Result<ConvStats, ConvError<P::Error>> {
+        self.convert(va, pages, Direction::ToShared)
+    }
+
+    /// Makes `pages` 4K pages from `va` private again.
+    pub fn set_memory_private(
+        &self,
+        va: VirtAddr,
+        pages: u64,
+    ) -> Result<ConvStats, ConvError<P::Error>> {
+        self.convert(va, pages, Direction::ToPrivate)
+    }
+
+    /// Stops all conversions (before kexec: the next kernel must find the
+    /// memory states the tables say). Waits for those in progress; later
+    /// calls fail with [`ConvError::Stopped`].
+    pub fn stop_conversions(&self) {
+        self.in_flight.stop();
+    }
+
+    /// Whether [`Converter::stop_conversions`] was called.
+    pub fn conversions_stopped(&self) -> bool {
+        self.in_flight.is_stopped()
+    }
+
+    /// The seven steps, in order. Everything before step 1 only reads, except
+    /// splitting large leaves that straddle the range's ends, which cannot
+    /// fail once its memory is allocated.
+    pub fn convert(
+        &self,
+        va: VirtAddr,
+        pages: u64,
+        direction: Direction,
+    ) -> Result<ConvStats, ConvError<P::Error>> {
+        let range = self.check_arguments(va, pages)?;
+        let _reservation = self.reserve(range)?;
+        self.check_source_state(range, direction)?;
+        let splits = self.split_boundaries(range)?;
+        let cc = self.tables.cc_mask();
+        let mut stats = ConvStats {
+            pages,
+            splits,
+            ..ConvStats::default()
+        };
+        let trace = |step| self.machine.on_step(step, direction, va, pages);
+
+        trace(Step::RemoveAliases);
+        self.for_each_run(range, |run| {
+            self.machine.remove_aliases(run);
+            Ok(())
+        })?;
+
+        trace(Step::ClearPresent);
+        self.for_each_leaf(range, |leaf| {
+            stats.leaves += 1;
+            self.update(leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
+        })?;
+
+        trace(Step::FlushTlb);
+        self.machine.flush_tlb_all();
+
+        if self.platform.needs_cache_flush(direction) {
+            trace(Step::FlushCaches);
+            self.for_each_run(range, |run| {
+                self.machine.flush_caches(run);
+                Ok(())
+            })?;
+        }
+
+        trace(Step::FlipEncoding);
+        self.for_each_leaf(range, |leaf| {
+            self.update(leaf, |e| reencode(cc, e, direction))
+        })?;
+
+        // The frames come from the entries we just made non-present. That is
+        // sound only because the range is reserved: no one else may change
+        // or reuse these entries until step 7 (lookup_address() style).
+        trace(Step::NotifyHypervisor);
+        let mut failure = None;
+        self.for_each_run(range, |run| {
+            if failure.is_none() {
+                stats.runs += 1;
+                if let Err(e) = self.platform.notify(run, direction) {
+                    failure = Some(self.quarantine_of(run, e));
+                }
+            }
+            Ok(())
+        })?;
+
+        trace(Step::SetPresent);
+        match failure {
+            None => {
+                self.for_each_leaf(range, |leaf| {
+                    self.update(leaf, |e| Pte(e.0 | PteFlags::PRESENT.bits()))
+                })?;
+                Ok(stats)
+            }
+            Some(quarantine) => {
+                self.finish_after_failure(range, &quarantine, direction)?;
+                Err(ConvError::Quarantined(quarantine))
+            }
+        }
+    }
+
+    /// The legacy order, kept only as a negative control for tests: flip the
+    /// C/S bit in the live entries, flush, notify. Between the flip and the
+    /// notification an access meets a page in the other state.
+    #[cfg(feature = "negative-control")]
+    pub fn convert_in_legacy_order(
+        &self,
+        va: VirtAddr,
+        pages: u64,
+        direction: Direction,
+    ) -> Result<ConvStats, ConvError<P::Error>> {
+        let range = self.check_arguments(va, pages)?;
+        let _reservation = self.reserve(range)?;
+        self.check_source_state(range, direction)?;
+        let splits = self.split_boundaries(range)?;
+        let cc = self.tables.cc_mask();
+        let mut stats = ConvStats {
+            pages,
+            splits,
+            ..ConvStats::default()
+        };
+        self.for_each_leaf(range, |leaf| {
+            stats.leaves += 1;
+            self.update(leaf, |e| reencode(cc, e, direction))
+        })?;
+        self.machine.flush_tlb_all();
+        let mut failure = None;
+        self.for_each_run(range, |run| {
+            if failure.is_none() {
+                stats.runs += 1;
+                if let Err(e) = self.platform.notify(run, direction) {
+                    failure = Some(self.quarantine_of(run, e));
+                }
+            }
+            Ok(())
+        })?;
+        match failure {
+            None => Ok(stats),
+            Some(quarantine) => Err(ConvError::Quarantined(quarantine)),
+        }
+    }
+
+    fn check_arguments(&self, va: VirtAddr, pages: u64) -> Result<Range, ConvError<P::Error>> {
+        if !va.is_aligned(PAGE_SIZE) {
+            return Err(ConvError::Unaligned(va));
+        }
+        if pages == 0 {
+            return Err(ConvError::ZeroLength);
+        }
+        let end = pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|bytes| va.0.checked_add(bytes))
+            .ok_or(ConvError::Overflow)?;
+        let mode = self.tables.mode();
+        let last = VirtAddr(end - 1);
+        if !mode.is_canonical(va) {
+            return Err(ConvError::NonCanonical(va));
+        }
+        // Both ends canonical but in different halves: the range crosses the
+        // non-canonical hole.
+        if !mode.is_canonical(last) || (va.0 >> 63) != (last.0 >> 63) {
+            return Err(ConvError::NonCanonical(last));
+        }
+        Ok(Range { start: va.0, end })
+    }
+
+    fn reserve(&self, range: Range) -> Result<inflight::Reservation<'_>, ConvError<P::Error>> {
+        self.in_flight
+            .reserve(range.start, range.end)
+            .map_err(|e| match e {
+                ReserveError::Overlaps { start, end } => ConvError::Busy {
+                    start: VirtAddr(start),
+                    end: VirtAddr(end),
+                },
+                ReserveError::Stopped => ConvError::Stopped,
+                ReserveError::Full => ConvError::TooManyInFlight,
+            })
+    }
+
+    /// Every page mapped, present, and in the source state.
+    fn check_source_state(
+        &self,
+        range: Range,
+        direction: Direction,
+    ) -> Result<(), ConvError<P::Error>> {
+        let cc = self.tables.cc_mask();
+        self.for_each_leaf(range, |leaf| {
+            let first = VirtAddr(leaf.va.0.max(range.start));
+            if !leaf.entry.is_present() {
+                return Err(ConvError::NotPresent(first));
+            }
+            let already = match direction {
+                Direction::ToShared => cc.is_shared(leaf.entry),
+                Direction::ToPrivate => !cc.is_shared(leaf.entry),
+            };
+            if already {
+                return Err(ConvError::AlreadyInTargetState(first));
+            }
+            Ok(())
+        })
+    }
+
+    /// Splits the large leaves that straddle the range's ends, so every leaf
+    /// touched afterwards lies wholly inside the range. Leaves the range
+    /// covers wholly stay large. All table frames are allocated before the
+    /// first split, so running out of memory changes nothing.
+    fn split_boundaries(&self, range: Range) -> Result<u32, ConvError<P::Error>> {
+        let walk = |e: WalkError| walk_error(e);
+        let needed = self
+            .tables
+            .splits_needed_at(VirtAddr(range.start))
+            .map_err(walk)?
+            + self
+                .tables
+                .splits_needed_at(VirtAddr(range.end))
+                .map_err(walk)?;
+        if needed == 0 {
+            return Ok(0);
+        }
+        let reserve = FrameReserve::default();
+        for _ in 0..needed {
+            match self.allocator.allocate_table() {
+                Some(frame) => reserve.push(frame),
+                None => {
+                    reserve.release_to(&self.allocator);
+                    return Err(ConvError::OutOfTableMemory);
+                }
+            }
+        }
+        let mut splits = 0;
+        for boundary in [range.start, range.end] {
+            match self.tables.split_at(VirtAddr(boundary), &reserve) {
+                Ok(n) => splits += n,
+                // Cannot run out: `needed` frames were reserved and another
+                // CPU's split only lowers the need. A walk failure here
+                // means the tables changed under us.
+                Err(_) => {
+                    reserve.release_to(&self.allocator);
+                    return Err(ConvError::TablesChanged(VirtAddr(boundary)));
+                }
+            }
+        }
+        reserve.release_to(&self.allocator);
+        Ok(splits)
+    }
+
+    /// Calls `visit` for each leaf overlapping `range`, present or not.
+    fn for_each_leaf(
+        &self,
+        range: Range,
+        mut visit: impl FnMut(&Leaf) -> Result<(), ConvError<P::Error>>,
+    ) -> Result<(), ConvError<P::Error>> {
+        let mut va = range.start;
+        while va < range.end {
+            let leaf = self
+                .tables
+                .lookup_address(VirtAddr(va))
+                .map_err(walk_error)?;
+            visit(&leaf)?;
+            va = leaf.end();
+        }
+        Ok(())
+    }
+
+    /// Calls `visit` for each maximal run of leaves in `range` whose frames
+    /// are contiguous, with frames read from the entries whether present or
+    /// not. Only valid after the boundaries were split.
+    fn for_each_run(
+        &self,
+        range: Range,
+        mut visit: impl FnMut(&GpaRun) -> Result<(), ConvError<P::Error>>,
+    ) -> Result<(), ConvError<P::Error>> {
+        let cc = self.tables.cc_mask();
+        let mut current: Option<GpaRun> = None;
+        self.for_each_leaf(range, |leaf| {
+            let gpa = cc.leaf_frame(leaf.entry, leaf.level);
+            match current.as_mut() {
+                Some(run) if run.gpa_end() == gpa => run.bytes += leaf.size(),
+                _ => {
+                    if let Some(done) = current.take() {
+                        visit(&done)?;
+                    }
+                    current = Some(GpaRun {
+                        va: leaf.va,
+                        gpa,
+                        bytes: leaf.size(),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        match current {
+            Some(run) => visit(&run),
+            None => Ok(()),
+        }
+    }
+
+    fn update(&self, leaf: &Leaf, change: impl Fn(Pte) -> Pte) -> Result<(), ConvError<P::Error>> {
+        self.tables
+            .update_leaf(leaf, change)
+            .map(|_| ())
+            .map_err(|e| match e {
+                TableError::Walk(WalkError::NotMapped { va, .. }) => ConvError::NotMapped(va),
+                _ => ConvError::TablesChanged(leaf.va),
+            })
+    }
+
+    /// The part of `run` whose state is unknown after a failed notification,
+    /// rounded out to whole leaves (a leaf is present or not as a whole).
+    fn quarantine_of(&self, run: &GpaRun, error: NotifyError<P::Error>) -> Quarantine<P::Error> {
+        let reached = error.consistent_up_to.0.clamp(run.gpa.0, run.gpa_end().0) & !(PAGE_SIZE - 1);
+        let mut va = run.va.0 + (reached - run.gpa.0);
+        if va < run.va.0 + run.bytes {
+            if let Ok(leaf) = self.tables.lookup_address(VirtAddr(va)) {
+                va = leaf.va.0.max(run.va.0);
+            }
+        }
+        let skipped = va - run.va.0;
+        Quarantine {
+            va: VirtAddr(va),
+            gpa: PhysAddr(run.gpa.0 + skipped),
+            bytes: run.bytes - skipped,
+            cause: error.cause,
+        }
+    }
+
+    /// Step 7 after a failure: pages before the quarantine reached the target
+    /// state and become present; the quarantine stays non-present; pages after
+    /// it were never shown to the hypervisor, so they get their old C/S bit
+    /// back and become present.
+    fn finish_after_failure(
+        &self,
+        range: Range,
+        quarantine: &Quarantine<P::Error>,
+        direction: Direction,
+    ) -> Result<(), ConvError<P::Error>> {
+        let cc = self.tables.cc_mask();
+        let back = match direction {
+            Direction::ToShared => Direction::ToPrivate,
+            Direction::ToPrivate => Direction::ToShared,
+        };
+        let quarantine_end = quarantine.va.0 + quarantine.bytes;
+        self.for_each_leaf(range, |leaf| {
+            let present = PteFlags::PRESENT.bits();
+            if leaf.va.0 < quarantine.va.0 {
+                self.update(leaf, |e| Pte(e.0 | present))
+            } else if leaf.va.0 >= quarantine_end {
+                self.update(leaf, |e| Pte(reencode(cc, e, back).0 | present))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+fn reencode(cc: CcMask, entry: Pte, direction: Direction) -> Pte {
+    match direction {
+        Direction::ToShared => cc.make_shared(entry),
+        Direction::ToPrivate => cc.make_private(entry),
+    }
+}
+
+fn walk_error<E>(error: WalkError) -> ConvError<E> {
+    match error {
+        WalkError::NonCanonical(va) => ConvError::NonCanonical(va),
+        WalkError::NotMapped { va, .. } | WalkError::Reserved { va, .. } => {
+            ConvError::NotMapped(va)
+        }
+    }
+}
+
+/// Frames set aside for the splits of one conversion (at most two splits at
+/// each end: 1G -> 2M -> 4K).
+#[derive(Default)]
+struct FrameReserve {
+    frames: core::cell::Cell<[Option<PhysAddr>; 4]>,
+}
+
+impl FrameReserve {
+    fn push(&self, frame: PhysAddr) {
+        let mut frames = self.frames.get();
+        if let Some(slot) = frames.iter_mut().find(|f| f.is_none()) {
+            *slot = Some(frame);
+        }
+        self.frames.set(frames);
+    }
+
+    fn release_to(&self, allocator: &impl TableAllocator) {
+        for frame in self.frames.take().into_iter().flatten() {
+            allocator.free_table(frame);
+        }
+    }
+}
+
+impl TableAllocator for FrameReserve {
+    fn allocate_table(&self) -> Option<PhysAddr> {
+        let mut frames = self.frames.get();
+        let frame = frames.iter_mut().find_map(|f| f.take());
+        self.frames.set(frames);
+        frame
+    }
+
+    fn free_table(&self, frame: PhysAddr) {
+        self.push(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests;
