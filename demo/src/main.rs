@@ -7,18 +7,19 @@ use pagetable::{Level, PageTables, PagingMode, PhysAddr, PteFlags, VirtAddr, PAG
 use set_memory_enc::platform::Tdx;
 use set_memory_enc::{Converter, Direction, GpaRun, Machine, Step};
 use std::sync::{Arc, Mutex};
-use tdx_hypercall::sim::FakeTdxModule;
+use tdx_hypercall::sim::{Call, FakeTdxModule};
 
 const MIB2: u64 = 2 << 20;
 const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 
-/// Prints each step as it starts, with the entries of the range as they
-/// are at that moment, and the TDCALLs issued since the last step.
+/// Prints each step as it starts, what the hooks and the TDX module saw
+/// during it, and the entries of the range once it is done.
 struct Narrator {
     tables: Mutex<Option<PageTables<&'static SimMemory>>>,
     range: Mutex<(u64, u64)>,
     tdx: Arc<FakeTdxModule>,
     seen_calls: Mutex<usize>,
+    in_step: Mutex<bool>,
 }
 
 impl Narrator {
@@ -26,9 +27,32 @@ impl Narrator {
         let calls = self.tdx.calls();
         let mut seen = self.seen_calls.lock().unwrap();
         for call in &calls[*seen..] {
-            println!("        TDCALL {call:?}");
+            match call {
+                Call::MapGpa { r12, r13 } => println!(
+                    "        TDVMCALL MapGPA start {r12:#x} ({}) size {r13:#x}",
+                    if r12 & self.tdx.shared_bit() != 0 {
+                        "shared bit set: to shared"
+                    } else {
+                        "to private"
+                    }
+                ),
+                Call::Accept { gpa, size } => {
+                    println!("        TDG.MEM.PAGE.ACCEPT {:#x} {size:?}", gpa.0)
+                }
+                other => println!("        TDCALL {other:?}"),
+            }
         }
         *seen = calls.len();
+    }
+
+    /// Closes the step in progress, if any: its TDCALLs, then the entries.
+    fn step_done(&self) {
+        self.new_tdcalls();
+        let mut in_step = self.in_step.lock().unwrap();
+        if *in_step {
+            println!("        entries now [{}]", self.entries());
+            *in_step = false;
+        }
     }
 
     fn entries(&self) -> String {
@@ -76,7 +100,7 @@ impl Machine for &Narrator {
         );
     }
     fn on_step(&self, step: Step, _direction: Direction, _va: VirtAddr, _pages: u64) {
-        self.new_tdcalls();
+        self.step_done();
         let what = match step {
             Step::RemoveAliases => "remove aliasing mappings",
             Step::ClearPresent => "clear PRESENT in every leaf",
@@ -86,7 +110,8 @@ impl Machine for &Narrator {
             Step::NotifyHypervisor => "notify the TDX module, GPAs read from non-present entries",
             Step::SetPresent => "set PRESENT again",
         };
-        println!("  step {} {what:<58} [{}]", step as u8, self.entries());
+        println!("  step {} {what}", step as u8);
+        *self.in_step.lock().unwrap() = true;
     }
 }
 
@@ -99,12 +124,13 @@ fn main() {
         range: Mutex::new((0, 0)),
         tdx: tdx.clone(),
         seen_calls: Mutex::new(0),
+        in_step: Mutex::new(false),
     }));
     let platform = Tdx::new(tdx.clone()).expect("TDG.VP.INFO");
     let engine = Converter::new(mem, root, PagingMode::FourLevel, mem, narrator, platform);
     let cc = engine.tables().cc_mask();
     *narrator.tables.lock().unwrap() = Some(PageTables::new(mem, root, PagingMode::FourLevel, cc));
-    narrator.new_tdcalls();
+    narrator.step_done();
     println!(
         "TD with GPAW 48: shared bit {:#x} (from TDG.VP.INFO); 16 MiB direct map of 2M leaves",
         cc.shared_bits()
@@ -155,8 +181,8 @@ fn main() {
         *narrator.range.lock().unwrap() = (va, va + pages * PAGE_SIZE);
         println!("{direction:?}: {what}, {pages} page(s) at {va:#x}");
         let result = engine.convert(VirtAddr(va), pages, direction);
-        narrator.new_tdcalls();
-        println!("  => {result:?}   now [{}]\n", narrator.entries());
+        narrator.step_done();
+        println!("  => {result:?}\n");
         result.expect("conversion");
     }
     println!("Refused, with nothing changed:");

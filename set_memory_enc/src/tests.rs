@@ -393,6 +393,8 @@ fn tdx_large_range_survives_retry_every_64mib_and_refused_2m_accept() {
     assert_eq!(fake.state(Gpa(2 * GIB - PAGE_SIZE)), PageState::Private);
 }
 
+type Outcome = Result<ConvStats, ConvError<TdxError>>;
+
 /// Every bad input: its error, not one word of table memory written, and no
 /// hook called.
 #[test]
@@ -410,11 +412,7 @@ fn bad_inputs_change_nothing() {
     let before = w.mem.snapshot();
     let e = &w.engine;
     let shared = Direction::ToShared;
-    let cases: Vec<(
-        &str,
-        Result<ConvStats, ConvError<TdxError>>,
-        ConvError<TdxError>,
-    )> = vec![
+    let cases: Vec<(&str, Outcome, ConvError<TdxError>)> = vec![
         (
             "unaligned",
             e.convert(VirtAddr(DMAP + 8), 1, shared),
