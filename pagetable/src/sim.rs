@@ -145,3 +145,31 @@ impl TableAllocator for SimMemory {
         self.free.lock().unwrap().push(frame);
     }
 }
+
+/// Lets one simulated memory be shared by the engine, the hooks and a test.
+impl<T: TableMemory + ?Sized> TableMemory for std::sync::Arc<T> {
+    fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        (**self).load(table, index)
+    }
+    fn compare_exchange(
+        &self,
+        table: PhysAddr,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        (**self).compare_exchange(table, index, current, new)
+    }
+    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+        (**self).store_unpublished(table, index, value)
+    }
+}
+
+impl<T: TableAllocator + ?Sized> TableAllocator for std::sync::Arc<T> {
+    fn allocate_table(&self) -> Option<PhysAddr> {
+        (**self).allocate_table()
+    }
+    fn free_table(&self, frame: PhysAddr) {
+        (**self).free_table(frame)
+    }
+}

@@ -295,16 +295,8 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let range = self.check_arguments(va, pages)?;
-        let _reservation = self.reserve(range)?;
-        self.check_source_state(range, direction)?;
-        let splits = self.split_boundaries(range)?;
+        let (range, _reservation, mut stats) = self.prepare(va, pages, direction)?;
         let cc = self.tables.cc_mask();
-        let mut stats = ConvStats {
-            pages,
-            splits,
-            ..ConvStats::default()
-        };
         let trace = |step| self.machine.on_step(step, direction, va, pages);
 
         trace(Step::RemoveAliases);
@@ -339,16 +331,7 @@ where
         // sound only because the range is reserved: no one else may change
         // or reuse these entries until step 7 (lookup_address() style).
         trace(Step::NotifyHypervisor);
-        let mut failure = None;
-        self.for_each_run(range, |run| {
-            if failure.is_none() {
-                stats.runs += 1;
-                if let Err(e) = self.platform.notify(run, direction) {
-                    failure = Some(self.quarantine_of(run, e));
-                }
-            }
-            Ok(())
-        })?;
+        let failure = self.notify_runs(range, direction, &mut stats)?;
 
         trace(Step::SetPresent);
         match failure {
@@ -375,21 +358,48 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let range = self.check_arguments(va, pages)?;
-        let _reservation = self.reserve(range)?;
-        self.check_source_state(range, direction)?;
-        let splits = self.split_boundaries(range)?;
+        let (range, _reservation, mut stats) = self.prepare(va, pages, direction)?;
         let cc = self.tables.cc_mask();
-        let mut stats = ConvStats {
-            pages,
-            splits,
-            ..ConvStats::default()
-        };
         self.for_each_leaf(range, |leaf| {
             stats.leaves += 1;
             self.update(leaf, |e| reencode(cc, e, direction))
         })?;
         self.machine.flush_tlb_all();
+        match self.notify_runs(range, direction, &mut stats)? {
+            None => Ok(stats),
+            Some(quarantine) => Err(ConvError::Quarantined(quarantine)),
+        }
+    }
+
+    /// Everything before step 1: validation (read-only), the reservation
+    /// that keeps other conversions off the range until it is dropped, and
+    /// the boundary splits.
+    fn prepare(
+        &self,
+        va: VirtAddr,
+        pages: u64,
+        direction: Direction,
+    ) -> Result<(Range, inflight::Reservation<'_>, ConvStats), ConvError<P::Error>> {
+        let range = self.check_arguments(va, pages)?;
+        let reservation = self.reserve(range)?;
+        self.check_source_state(range, direction)?;
+        let splits = self.split_boundaries(range)?;
+        let stats = ConvStats {
+            pages,
+            splits,
+            ..ConvStats::default()
+        };
+        Ok((range, reservation, stats))
+    }
+
+    /// Tells the platform about each GPA run, stopping at the first failure,
+    /// which comes back as the quarantine it implies.
+    fn notify_runs(
+        &self,
+        range: Range,
+        direction: Direction,
+        stats: &mut ConvStats,
+    ) -> Result<Option<Quarantine<P::Error>>, ConvError<P::Error>> {
         let mut failure = None;
         self.for_each_run(range, |run| {
             if failure.is_none() {
@@ -400,10 +410,7 @@ where
             }
             Ok(())
         })?;
-        match failure {
-            None => Ok(stats),
-            Some(quarantine) => Err(ConvError::Quarantined(quarantine)),
-        }
+        Ok(failure)
     }
 
     fn check_arguments(&self, va: VirtAddr, pages: u64) -> Result<Range, ConvError<P::Error>> {

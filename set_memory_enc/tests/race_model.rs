@@ -23,8 +23,7 @@
 
 use pagetable::sim::SimMemory;
 use pagetable::{
-    CcMask, Level, PageTables, PagingMode, PhysAddr, Pte, PteFlags, TableAllocator, TableMemory,
-    VirtAddr, PAGE_SIZE,
+    CcMask, Level, PageTables, PagingMode, PhysAddr, Pte, PteFlags, VirtAddr, PAGE_SIZE,
 };
 use set_memory_enc::platform::Tdx;
 use set_memory_enc::{Converter, Direction, GpaRun, Machine};
@@ -41,36 +40,8 @@ const FRAME_B: u64 = 0x10_1000;
 const LOADS: u32 = 3;
 const EVICTIONS: u32 = 1;
 
-/// Shares one simulated memory between the engine, the loader and hooks.
-#[derive(Clone)]
-struct Memory(Arc<SimMemory>);
-
-impl TableMemory for Memory {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
-        self.0.load(table, index)
-    }
-    fn compare_exchange(
-        &self,
-        table: PhysAddr,
-        index: usize,
-        current: u64,
-        new: u64,
-    ) -> Result<u64, u64> {
-        self.0.compare_exchange(table, index, current, new)
-    }
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
-        self.0.store_unpublished(table, index, value)
-    }
-}
-
-impl TableAllocator for Memory {
-    fn allocate_table(&self) -> Option<PhysAddr> {
-        self.0.allocate_table()
-    }
-    fn free_table(&self, frame: PhysAddr) {
-        self.0.free_table(frame)
-    }
-}
+/// One simulated memory shared by the engine, the loader and the hooks.
+type Memory = Arc<SimMemory>;
 
 /// Hands control back and forth between the checker and the engine thread,
 /// so that exactly one of them runs at a time.
@@ -235,8 +206,8 @@ fn execute(
     prefix: &[usize],
     tally: &mut Tally,
 ) -> Vec<(usize, usize)> {
-    let memory = Memory(Arc::new(SimMemory::new(PhysAddr(0x10_0000_0000), 8)));
-    let root = memory.0.allocate_zeroed();
+    let memory: Memory = Arc::new(SimMemory::new(PhysAddr(0x10_0000_0000), 8));
+    let root = memory.allocate_zeroed();
     let tdx = Arc::new(FakeTdxModule::new(48, 16 << 20));
     let platform = Tdx::new(tdx.clone()).unwrap();
     let cc: CcMask = set_memory_enc::Platform::cc_mask(&platform);
@@ -294,9 +265,7 @@ fn execute(
         platform,
     );
     let pause = baton.clone();
-    memory
-        .0
-        .set_write_hook(Some(Box::new(move |_, _, _, _| pause.pause())));
+    memory.set_write_hook(Some(Box::new(move |_, _, _, _| pause.pause())));
     let pause = baton.clone();
     tdx.set_call_hook(Box::new(move |_| pause.pause()));
 
