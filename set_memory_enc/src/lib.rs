@@ -22,6 +22,37 @@
 //! See [`Converter::set_memory_shared`]. Failure policy: bad input changes
 //! nothing; a hypervisor failure after step 2 leaves the pages whose state is
 //! unknown non-present and returns them as [`Quarantine`]: never reuse them.
+//!
+//! # Example
+//!
+//! A kernel supplies its table memory, a frame allocator, a [`Machine`] and a
+//! [`Platform`]. Here they are the host doubles, and the platform is an
+//! ordinary VM ([`platform::NoCc`]); a TD would use
+//! `platform::Tdx::new(unsafe { tdx_hypercall::TdcallInstruction::new() })`.
+//!
+//! ```
+//! # #[cfg(feature = "sim")] {
+//! use pagetable::{sim::SimMemory, Level, PagingMode, PhysAddr, PteFlags, VirtAddr};
+//! use set_memory_enc::{platform::NoCc, sim::RecordingMachine, ConvError, Converter};
+//!
+//! let memory = SimMemory::new(PhysAddr(0x10_0000_0000), 16);
+//! let root = memory.allocate_zeroed();
+//! let engine = Converter::new(&memory, root, PagingMode::FourLevel, &memory,
+//!                             RecordingMachine::default(), NoCc);
+//! // A 2 MiB direct-map leaf.
+//! let va = VirtAddr(0xffff_8880_0000_0000);
+//! let flags = PteFlags::PRESENT | PteFlags::WRITABLE;
+//! engine.tables().map_leaf(va, PhysAddr(0), Level::Pd, flags, false, &&memory).unwrap();
+//!
+//! // Share one page: the 2M leaf is split, only that page changes.
+//! let stats = engine.set_memory_shared(VirtAddr(va.0 + 0x3000), 1).unwrap();
+//! assert_eq!((stats.splits, stats.runs), (1, 1));
+//! // Sharing it again is refused and changes nothing.
+//! assert_eq!(engine.set_memory_shared(VirtAddr(va.0 + 0x3000), 1),
+//!            Err(ConvError::AlreadyInTargetState(VirtAddr(va.0 + 0x3000))));
+//! engine.set_memory_private(VirtAddr(va.0 + 0x3000), 1).unwrap();
+//! # }
+//! ```
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(unsafe_code)]
 
