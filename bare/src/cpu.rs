@@ -1,0 +1,172 @@
+//! Single-instruction wrappers. Each is `unsafe` where executing it can break
+//! memory safety (CR3, port I/O to arbitrary devices, MSRs), safe otherwise.
+
+use core::arch::asm;
+
+/// Writes a byte to an I/O port.
+///
+/// # Safety
+/// The port must belong to a device whose side effects the caller owns.
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller owns the device behind `port`.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Writes a u32 to an I/O port.
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller owns the device behind `port`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a byte from an I/O port.
+///
+/// # Safety
+/// As [`outb`]: reads can have side effects.
+pub unsafe fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: the caller owns the device behind `port`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// CR2: the linear address of the last page fault.
+pub fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 has no side effect; we run at CPL 0.
+    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// CR3.
+pub fn read_cr3() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR3 has no side effect; we run at CPL 0.
+    unsafe { asm!("mov {}, cr3", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Switches address space.
+///
+/// # Safety
+/// `root` must be a complete set of page tables that maps the running code,
+/// its stack and everything the caller will touch afterwards.
+pub unsafe fn write_cr3(root: u64) {
+    // SAFETY: the caller guarantees the new tables map what runs next. Not
+    // `nomem`: every memory access after this uses the new translation.
+    unsafe { asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) }
+}
+
+/// CR4.
+pub fn read_cr4() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR4 has no side effect; we run at CPL 0.
+    unsafe { asm!("mov {}, cr4", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// CR4.PGE: global pages.
+pub const CR4_PGE: u64 = 1 << 7;
+
+/// Enables global pages (CR4.PGE).
+pub fn enable_global_pages() {
+    let cr4 = read_cr4() | CR4_PGE;
+    // SAFETY: setting PGE only lets the TLB keep global entries longer.
+    unsafe { asm!("mov cr4, {}", in(reg) cr4, options(nostack, preserves_flags)) }
+}
+
+/// Invalidates every TLB entry of this CPU, global ones included (toggling
+/// CR4.PGE flushes them; a CR3 write alone would keep them).
+pub fn flush_tlb_local() {
+    let cr4 = read_cr4();
+    if cr4 & CR4_PGE != 0 {
+        // SAFETY: clearing and restoring PGE changes no translation, only
+        // flushes the TLB. Not `nomem`: later accesses must re-walk.
+        unsafe {
+            asm!("mov cr4, {0}", "mov cr4, {1}", in(reg) cr4 & !CR4_PGE, in(reg) cr4, options(nostack, preserves_flags))
+        }
+    } else {
+        // SAFETY: reloading CR3 with its own value only flushes the TLB.
+        unsafe { write_cr3(read_cr3()) }
+    }
+}
+
+/// Writes back and invalidates all caches.
+pub fn wbinvd() {
+    // SAFETY: WBINVD loses no data (it writes back first); CPL 0.
+    unsafe { asm!("wbinvd", options(nostack, preserves_flags)) }
+}
+
+/// Reads an MSR.
+///
+/// # Safety
+/// The MSR must exist (else #GP) and reading it must have no side effect the
+/// caller does not own.
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: the caller guarantees the MSR exists.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags)) }
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// The MSR must exist and the value must be valid for it; the caller owns
+/// what the write changes.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the write is valid. Not `nomem`: MSRs
+    // can change how memory is accessed.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    }
+}
+
+/// CPUID.
+pub fn cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
+    // SAFETY (no unsafe needed on recent Rust, but kept explicit): CPUID
+    // exists on every x86-64 CPU.
+    core::arch::x86_64::__cpuid_count(leaf, subleaf)
+}
+
+/// Enables interrupts.
+pub fn enable_interrupts() {
+    // SAFETY: handlers are installed before anyone calls this.
+    unsafe { asm!("sti", options(nomem, nostack)) }
+}
+
+/// Disables interrupts.
+pub fn disable_interrupts() {
+    // SAFETY: masking interrupts cannot break memory safety.
+    unsafe { asm!("cli", options(nomem, nostack)) }
+}
+
+/// Whether RFLAGS.IF is set.
+pub fn interrupts_enabled() -> bool {
+    let flags: u64;
+    // SAFETY: reading RFLAGS has no side effect.
+    unsafe { asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags)) }
+    flags & (1 << 9) != 0
+}
+
+/// Waits for an interrupt (returns at once if one is pending and enabled).
+pub fn halt() {
+    // SAFETY: HLT only waits.
+    unsafe { asm!("hlt", options(nomem, nostack, preserves_flags)) }
+}
+
+/// Enables interrupts and halts atomically (no wake-up lost in between).
+pub fn enable_interrupts_and_halt() {
+    // SAFETY: STI's one-instruction shadow makes the pair atomic.
+    unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
+}
+
+/// Stops this CPU for good.
+pub fn halt_forever() -> ! {
+    loop {
+        disable_interrupts();
+        halt();
+    }
+}

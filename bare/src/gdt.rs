@@ -1,0 +1,98 @@
+//! Per-CPU GDT and TSS. The TSS carries the interrupt stacks (IST) that
+//! #DF and NMI switch to, so they run even when the current stack is bad.
+
+use core::arch::asm;
+use core::mem::size_of;
+
+/// Kernel code selector.
+pub const KERNEL_CODE: u16 = 0x08;
+/// Kernel data selector.
+pub const KERNEL_DATA: u16 = 0x10;
+/// TSS selector.
+pub const TSS_SELECTOR: u16 = 0x18;
+/// IST index (1-based, as in the IDT) used by #DF.
+pub const IST_DOUBLE_FAULT: u8 = 1;
+/// IST index used by NMI.
+pub const IST_NMI: u8 = 2;
+
+/// The 64-bit TSS.
+#[repr(C, packed(4))]
+#[derive(Default)]
+pub struct Tss {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+/// One CPU's descriptor tables. Must live as long as the CPU runs (it is
+/// referenced by GDTR and TR), so callers keep it in a `'static`.
+#[repr(C, align(16))]
+pub struct CpuTables {
+    gdt: [u64; 5],
+    tss: Tss,
+}
+
+#[repr(C, packed(2))]
+struct Pointer {
+    limit: u16,
+    base: u64,
+}
+
+impl CpuTables {
+    /// Tables whose IST1 and IST2 are the given stack tops.
+    pub fn new(double_fault_stack_top: u64, nmi_stack_top: u64) -> CpuTables {
+        let mut tss = Tss {
+            iomap_base: size_of::<Tss>() as u16,
+            ..Tss::default()
+        };
+        tss.ist[usize::from(IST_DOUBLE_FAULT) - 1] = double_fault_stack_top;
+        tss.ist[usize::from(IST_NMI) - 1] = nmi_stack_top;
+        CpuTables {
+            gdt: [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0, 0],
+            tss,
+        }
+    }
+
+    /// Loads GDTR, reloads the segments and loads TR.
+    pub fn load(&'static mut self) {
+        let tss = &self.tss as *const Tss as u64;
+        let limit = (size_of::<Tss>() - 1) as u64;
+        // 64-bit available TSS descriptor (type 9, present), 16 bytes.
+        self.gdt[3] = (limit & 0xffff)
+            | ((tss & 0xff_ffff) << 16)
+            | (0x89 << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((tss >> 24) & 0xff) << 56);
+        self.gdt[4] = tss >> 32;
+        let pointer = Pointer {
+            limit: (size_of::<[u64; 5]>() - 1) as u16,
+            base: self.gdt.as_ptr() as u64,
+        };
+        // SAFETY: the GDT is 'static and its code/data descriptors match the
+        // selectors reloaded here; the TSS descriptor points at a 'static,
+        // not-yet-busy TSS.
+        unsafe {
+            asm!(
+                "lgdt [{pointer}]",
+                "push {code}",
+                "lea {scratch}, [rip + 2f]",
+                "push {scratch}",
+                "retfq",
+                "2:",
+                "mov ss, {data:x}",
+                "mov ds, {data:x}",
+                "mov es, {data:x}",
+                "ltr {tss:x}",
+                pointer = in(reg) &pointer,
+                code = const KERNEL_CODE as u64,
+                data = in(reg) u64::from(KERNEL_DATA),
+                tss = in(reg) u64::from(TSS_SELECTOR),
+                scratch = out(reg) _,
+            );
+        }
+    }
+}
