@@ -9,6 +9,7 @@ CARGO ?= cargo
 TEST_LOG := target/test-output.log
 BARE_METAL_TARGET := x86_64-unknown-none
 LIBRARIES := -p pagetable -p tdx_hypercall -p set_memory_enc
+BARE_METAL := $(LIBRARIES) -p bare -p guest
 
 .PHONY: setup run test fmt
 
@@ -21,7 +22,7 @@ run: setup
 test: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
-	$(CARGO) clippy $(LIBRARIES) --target $(BARE_METAL_TARGET) -- -D warnings
+	$(CARGO) clippy $(BARE_METAL) --target $(BARE_METAL_TARGET) -- -D warnings
 	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
 	mkdir -p target && : > $(TEST_LOG)
 	$(CARGO) test --workspace --all-features --exclude set_memory_enc 2>&1 | tee -a $(TEST_LOG)

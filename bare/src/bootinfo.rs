@@ -134,7 +134,11 @@ mod tests {
         put(&mut b, 32, &0xf_5a20u64.to_le_bytes());
         put(&mut b, 40, &0x100u64.to_le_bytes());
         put(&mut b, 48, &3u32.to_le_bytes());
-        let regions = [(0u64, 0x9fc00u64, 1u32), (0xf0000, 0x10000, 2), (0x10_0000, 0xff0_0000, 1)];
+        let regions = [
+            (0u64, 0x9fc00u64, 1u32),
+            (0xf0000, 0x10000, 2),
+            (0x10_0000, 0xff0_0000, 1),
+        ];
         for (i, (start, len, kind)) in regions.iter().enumerate() {
             let at = 0x100 + i * 24;
             put(&mut b, at, &start.to_le_bytes());
@@ -152,8 +156,14 @@ mod tests {
     #[test]
     fn refuses_bad_magic_and_version_0() {
         let mut b = vec![0u8; 64];
-        assert_eq!(BootInfo::parse(&Buffer(b.clone()), 0).unwrap_err(), BootInfoError::BadMagic(0));
+        assert_eq!(
+            BootInfo::parse(&Buffer(b.clone()), 0).unwrap_err(),
+            BootInfoError::BadMagic(0)
+        );
         put(&mut b, 0, &HVM_START_MAGIC.to_le_bytes());
-        assert_eq!(BootInfo::parse(&Buffer(b), 0).unwrap_err(), BootInfoError::NoMemoryMap);
+        assert_eq!(
+            BootInfo::parse(&Buffer(b), 0).unwrap_err(),
+            BootInfoError::NoMemoryMap
+        );
     }
 }

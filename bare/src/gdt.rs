@@ -3,6 +3,7 @@
 
 use core::arch::asm;
 use core::mem::size_of;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Kernel code selector.
 pub const KERNEL_CODE: u16 = 0x08;
@@ -29,10 +30,12 @@ pub struct Tss {
 }
 
 /// One CPU's descriptor tables. Must live as long as the CPU runs (it is
-/// referenced by GDTR and TR), so callers keep it in a `'static`.
+/// referenced by GDTR and TR), so callers keep it in a `'static`. The GDT
+/// words are atomics only because the TSS descriptor can be written once the
+/// tables have their final address, through a shared reference.
 #[repr(C, align(16))]
 pub struct CpuTables {
-    gdt: [u64; 5],
+    gdt: [AtomicU64; 5],
     tss: Tss,
 }
 
@@ -52,24 +55,31 @@ impl CpuTables {
         tss.ist[usize::from(IST_DOUBLE_FAULT) - 1] = double_fault_stack_top;
         tss.ist[usize::from(IST_NMI) - 1] = nmi_stack_top;
         CpuTables {
-            gdt: [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff, 0, 0],
+            gdt: [
+                AtomicU64::new(0),
+                AtomicU64::new(0x00af_9a00_0000_ffff),
+                AtomicU64::new(0x00cf_9200_0000_ffff),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+            ],
             tss,
         }
     }
 
-    /// Loads GDTR, reloads the segments and loads TR.
-    pub fn load(&'static mut self) {
+    /// Loads GDTR, reloads the segments and loads TR. Once per CPU.
+    pub fn load(&'static self) {
         let tss = &self.tss as *const Tss as u64;
         let limit = (size_of::<Tss>() - 1) as u64;
         // 64-bit available TSS descriptor (type 9, present), 16 bytes.
-        self.gdt[3] = (limit & 0xffff)
+        let low = (limit & 0xffff)
             | ((tss & 0xff_ffff) << 16)
             | (0x89 << 40)
             | (((limit >> 16) & 0xf) << 48)
             | (((tss >> 24) & 0xff) << 56);
-        self.gdt[4] = tss >> 32;
+        self.gdt[3].store(low, Ordering::SeqCst);
+        self.gdt[4].store(tss >> 32, Ordering::SeqCst);
         let pointer = Pointer {
-            limit: (size_of::<[u64; 5]>() - 1) as u16,
+            limit: (size_of::<[AtomicU64; 5]>() - 1) as u16,
             base: self.gdt.as_ptr() as u64,
         };
         // SAFETY: the GDT is 'static and its code/data descriptors match the

@@ -6,11 +6,13 @@
 //! also builds on the host, where it is unit-tested.
 #![cfg_attr(not(test), no_std)]
 
-pub mod bootinfo;
 #[cfg(target_os = "none")]
 pub mod boot;
+pub mod bootinfo;
 #[cfg(target_os = "none")]
 pub mod cpu;
+#[cfg(target_os = "none")]
+pub mod exit;
 #[cfg(target_os = "none")]
 pub mod extable;
 #[cfg(target_os = "none")]
@@ -19,5 +21,3 @@ pub mod gdt;
 pub mod idt;
 #[cfg(target_os = "none")]
 pub mod serial;
-#[cfg(target_os = "none")]
-pub mod exit;
