@@ -1,31 +1,43 @@
 # Two entry points, both safe to run on a fresh Debian machine as root:
-#   make run   - the demo: convert memory back and forth and show every step
+#   make run   - boot the guest kernel under QEMU with 4 CPUs: conversions,
+#                in-guest tests and the load_unaligned_zeropad stress
 #   make test  - formatting, lints, bare-metal builds and every test
-# Both install what is missing first (see `setup`).
+# Both install what is missing first (scripts/setup.sh).
+# Also: make demo - the engine over simulated memory on the host, step by step.
 
 SHELL := bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 TEST_LOG := target/test-output.log
 BARE_METAL_TARGET := x86_64-unknown-none
 LIBRARIES := -p pagetable -p tdx_hypercall -p set_memory_enc
 BARE_METAL := $(LIBRARIES) -p bare -p guest
+GUEST_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/guest
 
-.PHONY: setup run test fmt
+.PHONY: setup guest run demo test fmt
 
 setup:
 	@./scripts/setup.sh
 
-run: setup
+guest: setup
+	$(CARGO) build --release -p guest --target $(BARE_METAL_TARGET)
+
+run: guest
+	GUEST_ELF=$(GUEST_ELF) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4
+
+demo: setup
 	$(CARGO) run --quiet -p demo
 
-test: setup
+test: guest
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) clippy $(BARE_METAL) --target $(BARE_METAL_TARGET) -- -D warnings
 	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
 	mkdir -p target && : > $(TEST_LOG)
-	$(CARGO) test --workspace --all-features --exclude set_memory_enc 2>&1 | tee -a $(TEST_LOG)
+	# --nocapture: the QEMU boots print their stress counters.
+	GUEST_ELF=$(GUEST_ELF) $(CARGO) test --workspace --all-features --exclude set_memory_enc \
+		-- --nocapture 2>&1 | tee -a $(TEST_LOG)
 	# --nocapture: the race model prints how many interleavings it explored.
 	$(CARGO) test -p set_memory_enc --all-features -- --nocapture --test-threads 2 2>&1 | tee -a $(TEST_LOG)
 	$(CARGO) run --quiet -p demo > /dev/null

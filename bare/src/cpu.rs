@@ -132,10 +132,8 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
     }
 }
 
-/// CPUID.
+/// CPUID (every x86-64 CPU has it, so the intrinsic is safe).
 pub fn cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
-    // SAFETY (no unsafe needed on recent Rust, but kept explicit): CPUID
-    // exists on every x86-64 CPU.
     core::arch::x86_64::__cpuid_count(leaf, subleaf)
 }
 

@@ -6,6 +6,9 @@
 //! also builds on the host, where it is unit-tested.
 #![cfg_attr(not(test), no_std)]
 
+pub mod acpi;
+#[cfg(target_os = "none")]
+pub mod apic;
 #[cfg(target_os = "none")]
 pub mod boot;
 pub mod bootinfo;
@@ -21,3 +24,5 @@ pub mod gdt;
 pub mod idt;
 #[cfg(target_os = "none")]
 pub mod serial;
+#[cfg(target_os = "none")]
+pub mod smp;

@@ -4,9 +4,12 @@
 
 use super::memory::{DirectMap, FrameAllocator, FRAMES};
 use super::{shootdown, vmalloc};
+use bare::println;
+use core::sync::atomic::{AtomicBool, Ordering};
+use pagetable::VirtAddr;
 use pagetable::{PagingMode, PhysAddr};
 use set_memory_enc::platform::NoCc;
-use set_memory_enc::{Converter, GpaRun, Machine, Platform};
+use set_memory_enc::{Converter, Direction, GpaRun, Machine, Platform, Step};
 
 /// Hooks for this kernel.
 pub struct GuestMachine;
@@ -23,7 +26,23 @@ impl Machine for GuestMachine {
         // cheaper for small runs but needs the run mapped, which it is not.
         bare::cpu::wbinvd();
     }
+    fn on_step(&self, step: Step, direction: Direction, va: VirtAddr, pages: u64) {
+        if TRACE.load(Ordering::Relaxed) {
+            let tables = engine().tables();
+            let leaf = tables.lookup_address(va).ok();
+            let state = leaf.map(|l| {
+                (
+                    l.entry.is_present(),
+                    engine().platform().cc_mask().is_shared(l.entry),
+                )
+            });
+            println!("  step {} {step:?} ({direction:?}, {pages} page(s) at {va}): entry before the step (present, shared) = {state:?}", step as u8);
+        }
+    }
 }
+
+/// Print each step of conversions while set (for `make run`).
+pub static TRACE: AtomicBool = AtomicBool::new(false);
 
 /// The platform this kernel runs on (an ordinary VM so far).
 pub type GuestPlatform = NoCc;

@@ -6,9 +6,11 @@ mod faults;
 mod memory;
 pub mod report;
 mod shootdown;
+mod stress;
 mod tests;
 mod vmalloc;
 
+use bare::apic::Apic;
 use bare::bootinfo::{BootInfo, PhysRead};
 use bare::println;
 use memory::{RamRegion, FRAMES};
@@ -40,14 +42,40 @@ impl PhysRead for IdentityMap {
 
 /// This CPU's index (0 = the boot CPU).
 pub fn cpu_index() -> usize {
-    0
+    bare::smp::cpu_index()
 }
 
+/// The local APIC driver, shared by all CPUs (set on the BSP before any AP
+/// starts).
+static APIC: spin::Once<Apic> = spin::Once::new();
+const SPURIOUS_VECTOR: u8 = 0xff;
+/// Wakes idle CPUs to look for work (the stress).
+const WAKE_VECTOR: u8 = 0xf1;
+/// APIC IDs of the CPUs the MADT lists as enabled (read under the boot map:
+/// the ACPI tables are not RAM, so the direct map does not cover them).
+static CPU_APIC_IDS: spin::Once<([u32; shootdown::MAX_CPUS], usize)> = spin::Once::new();
+
 /// Sends `vector` to every other CPU.
-pub fn send_ipi_to_others(_vector: u8) {}
+pub fn send_ipi_to_others(vector: u8) {
+    if let Some(apic) = APIC.get() {
+        if let Err(e) = apic.send_ipi_all_but_self(vector) {
+            panic!("IPI {vector:#x} to the other CPUs: {e:?}");
+        }
+    }
+}
 
 /// Acknowledges the interrupt being handled.
-pub fn end_of_interrupt() {}
+pub fn end_of_interrupt() {
+    if let Some(apic) = APIC.get() {
+        apic.eoi();
+    }
+}
+
+fn spurious_interrupt(_frame: &mut bare::idt::Frame) {}
+
+fn wake_interrupt(_frame: &mut bare::idt::Frame) {
+    end_of_interrupt();
+}
 
 #[no_mangle]
 extern "C" fn bare_main(start_info: u64) -> ! {
@@ -66,6 +94,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         count += 1;
     }
     let ram = &ram[..count];
+    COMMAND_LINE.call_once(|| read_command_line(info.cmdline));
     let total: u64 = ram.iter().map(|r| r.end - r.start).sum();
     println!("guest: {} MiB of RAM in {} regions", total >> 20, ram.len());
 
@@ -90,9 +119,18 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         };
         FRAMES.add_ram(region.start, end, kernel_start, kernel_end);
     }
+    let madt = match bare::acpi::parse_madt(&IdentityMap, info.rsdp) {
+        Ok(madt) => madt,
+        Err(e) => panic!("ACPI: {e:?}"),
+    };
+    let (_, cpus) = CPU_APIC_IDS.call_once(|| {
+        let mut ids = [0; shootdown::MAX_CPUS];
+        let count = madt.enabled_apic_ids_into(&mut ids);
+        (ids, count)
+    });
     let platform = set_memory_enc::platform::NoCc;
     let cc = set_memory_enc::Platform::cc_mask(&platform);
-    let root = match memory::build_tables(ram, cc, 1) {
+    let root = match memory::build_tables(ram, cc, *cpus) {
         Ok(root) => root,
         Err(e) => panic!("building page tables: {e:?}"),
     };
@@ -117,24 +155,164 @@ extern "C" fn bsp_main() -> ! {
     CPU_TABLES[0]
         .call_once(|| bare::gdt::CpuTables::new(double_fault_stack, nmi_stack))
         .load();
+    if let Err(e) = bare::smp::init_bsp() {
+        panic!("init_bsp: {e:?}");
+    }
     faults::install();
     bare::idt::set_handler(shootdown::SHOOTDOWN_VECTOR, shootdown::handle_ipi);
+    bare::idt::set_handler(SPURIOUS_VECTOR, spurious_interrupt);
+    bare::idt::set_handler(WAKE_VECTOR, wake_interrupt);
     bare::idt::load();
+    // SAFETY: ports 0x21/0xa1 mask the 8259s: legacy IRQs stay off.
+    unsafe {
+        bare::cpu::outb(0x21, 0xff);
+        bare::cpu::outb(0xa1, 0xff);
+    }
+    // SAFETY: build_tables identity-maps the APIC page uncached.
+    let apic = match unsafe { Apic::new(memory::LAPIC_BASE as usize, true) } {
+        Ok(apic) => APIC.call_once(|| apic),
+        Err(e) => panic!("APIC: {e:?}"),
+    };
+    if let Err(e) = apic.enable_on_this_cpu(SPURIOUS_VECTOR) {
+        panic!("APIC enable: {e:?}");
+    }
     shootdown::cpu_online(0);
+    let (apic_ids, cpus) = CPU_APIC_IDS.get().expect("read at boot");
+    let config = bare::smp::ApStartConfig {
+        trampoline_physical: memory::TRAMPOLINE_PAGE,
+        trampoline_virtual: memory::phys_to_virt(memory::TRAMPOLINE_PAGE) as *mut u8,
+        cr3: bare::cpu::read_cr3(),
+        entry: ap_main,
+        stack_top_for: &|cpu| memory::stack_tops(cpu).0,
+        timeout_ms: bare::smp::DEFAULT_AP_TIMEOUT_MS,
+    };
+    // SAFETY: build_tables identity-maps the trampoline page (executable)
+    // and the image, maps a stack slot per CPU of the MADT, and the root was
+    // the first frame allocated (below 4 GiB); frames below 1 MiB are never
+    // handed out, so the trampoline page is free.
+    let online = match unsafe { bare::smp::start_aps(apic, &apic_ids[..*cpus], &config) } {
+        Ok(online) => online,
+        Err(e) => panic!("starting APs: {e:?}"),
+    };
+    let all_taking_shootdowns =
+        bare::smp::wait_until(1_000_000, || shootdown::online_count() as usize == online);
+    assert!(all_taking_shootdowns, "APs did not get ready");
     let root = pagetable::PhysAddr(bare::cpu::read_cr3() & !0xfff);
     engine::init(root, set_memory_enc::platform::NoCc);
     println!("guest: {} CPU(s) online", shootdown::online_count());
 
+    match command_line()
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("fault="))
+    {
+        None => {}
+        Some("unmapped-read") => fault_unmapped_read(),
+        Some("stack-overflow") => fault_stack_overflow(),
+        Some(other) => panic!("unknown fault= selector {other:?}"),
+    }
+
+    trace_one_conversion();
     report::plan(tests::TESTS.len());
     for (name, test) in tests::TESTS {
         report::run(name, *test);
     }
-    let ok = report::summary();
+    let stress_page = test_area().0 + (TEST_AREA_BLOCKS - 1) * (2 << 20);
+    let stress_ok = stress::run(online, stress_page, || send_ipi_to_others(WAKE_VECTOR));
+    let ok = report::summary() && stress_ok;
     bare::exit::qemu_exit(if ok {
         bare::exit::EXIT_SUCCESS
     } else {
         bare::exit::EXIT_FAILURE
     })
+}
+
+/// Shows the seven steps once, on a test-area page.
+fn trace_one_conversion() {
+    let va = pagetable::VirtAddr(memory::DIRECT_MAP_BASE + test_area().0 + 6 * (2 << 20) + 0x5000);
+    println!("guest: one conversion, step by step (a 4K page inside a 2M leaf):");
+    engine::TRACE.store(true, core::sync::atomic::Ordering::SeqCst);
+    let shared = engine::engine().set_memory_shared(va, 1);
+    println!("  => {shared:?}");
+    let private = engine::engine().set_memory_private(va, 1);
+    println!("  => {private:?}");
+    engine::TRACE.store(false, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// The PVH command line (`-append`), copied at boot while it is reachable.
+static COMMAND_LINE: spin::Once<([u8; 256], usize)> = spin::Once::new();
+
+fn read_command_line(pa: u64) -> ([u8; 256], usize) {
+    let mut text = [0u8; 256];
+    let mut len = 0;
+    if pa != 0 {
+        while len < text.len() {
+            // SAFETY: before our tables are loaded the boot identity map
+            // covers the low 4 GiB, where QEMU put the NUL-terminated line.
+            let byte = unsafe { core::ptr::read_volatile((pa + len as u64) as *const u8) };
+            if byte == 0 {
+                break;
+            }
+            text[len] = byte;
+            len += 1;
+        }
+    }
+    (text, len)
+}
+
+fn command_line() -> &'static str {
+    COMMAND_LINE
+        .get()
+        .and_then(|(text, len)| core::str::from_utf8(&text[..*len]).ok())
+        .unwrap_or("")
+}
+
+/// Negative control for the harness: an unfixable kernel #PF.
+fn fault_unmapped_read() -> ! {
+    // SAFETY: deliberately unsound: 0xdead000 is not mapped, and the fault
+    // handler must stop the machine with a report before anything else runs.
+    let value = unsafe { core::ptr::read_volatile(0xdead000 as *const u64) };
+    panic!("read unmapped memory and got {value:#x}");
+}
+
+/// Negative control for the harness: recursion until the guard page.
+fn fault_stack_overflow() -> ! {
+    fn recurse(depth: u64) -> u64 {
+        // Unreachable base case: the guard page stops us long before.
+        if depth == u64::MAX {
+            return 0;
+        }
+        let mut frame = [depth; 64];
+        frame[(depth % 64) as usize] = core::hint::black_box(depth);
+        core::hint::black_box(&frame);
+        recurse(depth + 1) + frame[3]
+    }
+    let depth = recurse(0);
+    panic!("recursion returned at depth {depth}");
+}
+
+/// Each AP starts here (from `bare::smp::start_aps`), on its own stack.
+extern "C" fn ap_main(cpu: usize) -> ! {
+    let (_, double_fault_stack, nmi_stack) = memory::stack_tops(cpu);
+    CPU_TABLES[cpu]
+        .call_once(|| bare::gdt::CpuTables::new(double_fault_stack, nmi_stack))
+        .load();
+    bare::idt::load();
+    let apic = APIC.get().expect("set before the APs start");
+    if let Err(e) = apic.enable_on_this_cpu(SPURIOUS_VECTOR) {
+        panic!("APIC enable on CPU {cpu}: {e:?}");
+    }
+    shootdown::cpu_online(cpu);
+    loop {
+        // Check for work with interrupts off, then STI;HLT: a wake-up IPI
+        // sent after the check stays pending and ends the HLT.
+        bare::cpu::disable_interrupts();
+        if stress::work_pending() {
+            bare::cpu::enable_interrupts();
+            stress::loader_loop();
+        } else {
+            bare::cpu::enable_interrupts_and_halt();
+        }
+    }
 }
 
 static CPU_TABLES: [spin::Once<bare::gdt::CpuTables>; shootdown::MAX_CPUS] =

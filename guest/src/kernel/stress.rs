@@ -1,0 +1,156 @@
+//! The stress this project exists for. The boot CPU converts one page back
+//! and forth while every other CPU runs `load_unaligned_zeropad()` across the
+//! boundary into it from the page before. Every loaded value is checked: the
+//! bytes inside the first page must be exact; the bytes beyond the boundary
+//! either the converted page's bytes (it was present) or zero (the load hit
+//! the non-present window and the #PF fixup ran). Any other value, or any
+//! fault other than that #PF, is a failure.
+
+use super::engine::engine;
+use super::faults::UNEXPECTED_FAULTS;
+use super::memory::DIRECT_MAP_BASE;
+use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
+use bare::println;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use pagetable::{VirtAddr, PAGE_SIZE};
+
+/// Round trips (shared then private); each is two conversions.
+pub const ROUND_TRIPS: u64 = 10_000;
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static LOADERS_ACTIVE: AtomicUsize = AtomicUsize::new(0);
+static LOADS: AtomicU64 = AtomicU64::new(0);
+static WRONG_BYTES: AtomicU64 = AtomicU64::new(0);
+/// VA of the page before the converted one (0 when no stress is set up).
+static FIRST_PAGE: AtomicU64 = AtomicU64::new(0);
+
+fn first_page_byte(offset: u64) -> u8 {
+    (offset % 239) as u8 ^ 0xa5
+}
+
+fn converted_page_byte(offset: u64) -> u8 {
+    (offset % 241) as u8 ^ 0x3c
+}
+
+/// What a load at `PAGE_SIZE - back` of the first page may return: the
+/// bytes read through the boundary, or those bytes with zeros past it.
+fn acceptable(back: u64) -> (u64, u64) {
+    let mut inside = 0u64;
+    let mut beyond = 0u64;
+    for k in 0..8 {
+        if k < back {
+            inside |= u64::from(first_page_byte(PAGE_SIZE - back + k)) << (8 * k);
+        } else {
+            beyond |= u64::from(converted_page_byte(k - back)) << (8 * k);
+        }
+    }
+    (inside | beyond, inside)
+}
+
+/// Whether a stress is running that this CPU should join.
+pub fn work_pending() -> bool {
+    RUNNING.load(Ordering::SeqCst)
+}
+
+/// Runs on every CPU but the boot CPU while the stress is on.
+pub fn loader_loop() {
+    let first = FIRST_PAGE.load(Ordering::SeqCst);
+    if first == 0 {
+        return;
+    }
+    LOADERS_ACTIVE.fetch_add(1, Ordering::SeqCst);
+    let expected: [(u64, u64); 8] = core::array::from_fn(|back| acceptable(back as u64));
+    let mut loads = 0u64;
+    let mut wrong = 0u64;
+    while RUNNING.load(Ordering::Relaxed) {
+        for back in 1..=7u64 {
+            let address = first + PAGE_SIZE - back;
+            // SAFETY: the first page stays mapped and present for the whole
+            // stress; the next one is the page under conversion, which is
+            // exactly what load_unaligned_zeropad is for.
+            let value = unsafe { load_unaligned_zeropad(address as *const u8) };
+            let (through, zeropadded) = expected[back as usize];
+            if value != through && value != zeropadded {
+                wrong += 1;
+                if wrong <= 3 {
+                    println!("STRESS wrong value at -{back}: {value:#018x} (want {through:#018x} or {zeropadded:#018x})");
+                }
+            }
+            loads += 1;
+        }
+    }
+    LOADS.fetch_add(loads, Ordering::SeqCst);
+    WRONG_BYTES.fetch_add(wrong, Ordering::SeqCst);
+    LOADERS_ACTIVE.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Runs the stress from the boot CPU with `cpus` CPUs online, prints the
+/// `STRESS` line, and returns whether it proved something and found nothing
+/// wrong. `wake_loaders` makes the other CPUs enter `loader_loop`.
+pub fn run(cpus: usize, first_page_pa: u64, wake_loaders: impl Fn()) -> bool {
+    if cpus < 2 {
+        println!("STRESS cpus={cpus} skipped=1");
+        return true;
+    }
+    let first = DIRECT_MAP_BASE + first_page_pa;
+    let converted = first + PAGE_SIZE;
+    for offset in 0..PAGE_SIZE {
+        // SAFETY: both pages are test-area pages of the direct map, present,
+        // private, used by nothing else.
+        unsafe {
+            core::ptr::write_volatile((first + offset) as *mut u8, first_page_byte(offset));
+            core::ptr::write_volatile((converted + offset) as *mut u8, converted_page_byte(offset));
+        }
+    }
+    let fixups_before = ZEROPAD_FIXUPS.load(Ordering::SeqCst);
+    let faults_before = UNEXPECTED_FAULTS.load(Ordering::SeqCst);
+    FIRST_PAGE.store(first, Ordering::SeqCst);
+    RUNNING.store(true, Ordering::SeqCst);
+    wake_loaders();
+    while LOADERS_ACTIVE.load(Ordering::SeqCst) < cpus - 1 {
+        core::hint::spin_loop();
+    }
+
+    let mut conversions = 0u64;
+    let mut errors = 0u64;
+    for round in 0..ROUND_TRIPS {
+        if round % 2000 == 0 {
+            println!(
+                "stress: {round} round trips, {} fixups so far",
+                ZEROPAD_FIXUPS.load(Ordering::Relaxed) - fixups_before
+            );
+        }
+        for shared in [true, false] {
+            let result = if shared {
+                engine().set_memory_shared(VirtAddr(converted), 1)
+            } else {
+                engine().set_memory_private(VirtAddr(converted), 1)
+            };
+            match result {
+                Ok(_) => conversions += 1,
+                Err(e) => {
+                    errors += 1;
+                    if errors <= 3 {
+                        println!("STRESS conversion failed: {e:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    RUNNING.store(false, Ordering::SeqCst);
+    while LOADERS_ACTIVE.load(Ordering::SeqCst) > 0 {
+        core::hint::spin_loop();
+    }
+    FIRST_PAGE.store(0, Ordering::SeqCst);
+    let fixups = ZEROPAD_FIXUPS.load(Ordering::SeqCst) - fixups_before;
+    let unexpected = UNEXPECTED_FAULTS.load(Ordering::SeqCst) - faults_before;
+    let loads = LOADS.load(Ordering::SeqCst);
+    let wrong = WRONG_BYTES.load(Ordering::SeqCst);
+    println!(
+        "STRESS cpus={cpus} conversions={conversions} conversion_errors={errors} loads={loads} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={}",
+        super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst),
+        super::shootdown::IPIS_SENT.load(Ordering::SeqCst),
+    );
+    errors == 0 && wrong == 0 && unexpected == 0 && fixups > 0 && conversions >= 2 * ROUND_TRIPS
+}

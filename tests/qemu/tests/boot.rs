@@ -1,0 +1,125 @@
+//! Boots the guest under QEMU (TCG, no KVM) and judges its serial log. Every
+//! run is bounded; on any failure the whole log is printed.
+
+use qemu_harness::{
+    guest_elf, judge, parse_log, run_guest, Report, Run, EXIT_FAIL, EXPECTED_TESTS,
+};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A 4-vCPU stress on a 2-core host takes about a minute under TCG.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One QEMU at a time: parallel boots would only share the host's cores and
+/// make each run's time unpredictable.
+static ONE_QEMU_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn boot(cpus: u32, append: Option<&str>) -> (Run, Report) {
+    let _only_me = ONE_QEMU_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let elf = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let run = run_guest(&elf, cpus, append, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let report = parse_log(&run.log);
+    println!(
+        "-smp {cpus} {append:?}: exit {:?} after {:.1?}",
+        run.exit_code, run.elapsed
+    );
+    (run, report)
+}
+
+fn fail_with_log(run: &Run, why: &str) -> ! {
+    panic!(
+        "{why}\n----- guest serial log -----\n{}\n----- end of log -----",
+        run.log
+    )
+}
+
+fn boots_and_passes(cpus: u32) {
+    let (run, report) = boot(cpus, None);
+    if let Err(why) = judge(run.exit_code, &report, EXPECTED_TESTS) {
+        fail_with_log(&run, &why);
+    }
+    let stress = |key: &str| report.stress.get(key).copied();
+    if cpus == 1 {
+        if stress("skipped") != Some(1) {
+            fail_with_log(
+                &run,
+                "a single CPU cannot race itself: the stress must report skipped=1",
+            );
+        }
+        return;
+    }
+    let checks = [
+        ("cpus", stress("cpus") == Some(u64::from(cpus))),
+        (
+            "conversions >= 10000",
+            stress("conversions").is_some_and(|n| n >= 10_000),
+        ),
+        ("loads > 0", stress("loads").is_some_and(|n| n > 0)),
+        (
+            "zeropad fixups > 0 (the window was hit)",
+            stress("fixups").is_some_and(|n| n > 0),
+        ),
+        (
+            "unexpected faults == 0",
+            stress("unexpected_faults") == Some(0),
+        ),
+        ("wrong bytes == 0", stress("wrong_bytes") == Some(0)),
+    ];
+    for (what, ok) in checks {
+        if !ok {
+            fail_with_log(
+                &run,
+                &format!("stress check failed: {what}; counters {:?}", report.stress),
+            );
+        }
+    }
+    println!("-smp {cpus} stress: {:?}", report.stress);
+}
+
+#[test]
+fn guest_passes_with_1_cpu() {
+    boots_and_passes(1);
+}
+
+#[test]
+fn guest_passes_with_2_cpus() {
+    boots_and_passes(2);
+}
+
+#[test]
+fn guest_passes_with_4_cpus() {
+    boots_and_passes(4);
+}
+
+/// Negative control: a kernel #PF with no exception-table entry is fatal and
+/// says where it happened.
+#[test]
+fn unfixable_kernel_page_fault_is_fatal_with_a_report() {
+    let (run, report) = boot(1, Some("fault=unmapped-read"));
+    let crash = report.crash.clone().unwrap_or_default();
+    let ok = run.exit_code == Some(EXIT_FAIL)
+        && crash.contains("page fault")
+        && crash.contains("at address 0xdead000")
+        && crash.contains("RIP")
+        && crash.contains("error code 0x0");
+    if !ok {
+        fail_with_log(
+            &run,
+            "expected a fatal page-fault report for address 0xdead000 and exit status 35",
+        );
+    }
+}
+
+/// Negative control: running off the end of the kernel stack hits its guard
+/// page, and the #PF that cannot be delivered on that stack becomes a #DF
+/// handled on its own IST stack.
+#[test]
+fn stack_overflow_hits_the_guard_page_and_double_faults() {
+    let (run, report) = boot(1, Some("fault=stack-overflow"));
+    let crash = report.crash.clone().unwrap_or_default();
+    if run.exit_code != Some(EXIT_FAIL) || !crash.contains("#DF") {
+        fail_with_log(&run, "expected a #DF report and exit status 35");
+    }
+}
