@@ -78,31 +78,48 @@ impl CpuTables {
             | (((tss >> 24) & 0xff) << 56);
         self.gdt[3].store(low, Ordering::SeqCst);
         self.gdt[4].store(tss >> 32, Ordering::SeqCst);
-        let pointer = Pointer {
-            limit: (size_of::<[AtomicU64; 5]>() - 1) as u16,
-            base: self.gdt.as_ptr() as u64,
+        // SAFETY: the GDT is 'static (self is) with the kernel code and data
+        // descriptors at KERNEL_CODE and KERNEL_DATA.
+        unsafe {
+            load_gdt(
+                self.gdt.as_ptr() as u64,
+                size_of::<[AtomicU64; 5]>() as u16 - 1,
+            )
         };
-        // SAFETY: the GDT is 'static and its code/data descriptors match the
-        // selectors reloaded here; the TSS descriptor points at a 'static,
+        // SAFETY: the TSS descriptor just written points at this 'static,
         // not-yet-busy TSS.
         unsafe {
-            asm!(
-                "lgdt [{pointer}]",
-                "push {code}",
-                "lea {scratch}, [rip + 2f]",
-                "push {scratch}",
-                "retfq",
-                "2:",
-                "mov ss, {data:x}",
-                "mov ds, {data:x}",
-                "mov es, {data:x}",
-                "ltr {tss:x}",
-                pointer = in(reg) &pointer,
-                code = const KERNEL_CODE as u64,
-                data = in(reg) u64::from(KERNEL_DATA),
-                tss = in(reg) u64::from(TSS_SELECTOR),
-                scratch = out(reg) _,
-            );
+            asm!("ltr {tss:x}", tss = in(reg) u64::from(TSS_SELECTOR), options(nostack, preserves_flags));
         }
+    }
+}
+
+/// Loads GDTR with the table at `base` (`limit` = size - 1) and reloads CS,
+/// SS, DS and ES with [`KERNEL_CODE`] and [`KERNEL_DATA`].
+///
+/// # Safety
+/// The table must stay valid for as long as the CPU uses it (normally
+/// `'static`) and hold a 64-bit code descriptor at `KERNEL_CODE` and a data
+/// descriptor at `KERNEL_DATA`.
+pub unsafe fn load_gdt(base: u64, limit: u16) {
+    let pointer = Pointer { limit, base };
+    // SAFETY: the caller guarantees the table and its descriptors; the far
+    // return reloads CS with the code selector, then the data segments.
+    unsafe {
+        asm!(
+            "lgdt [{pointer}]",
+            "push {code}",
+            "lea {scratch}, [rip + 2f]",
+            "push {scratch}",
+            "retfq",
+            "2:",
+            "mov ss, {data:x}",
+            "mov ds, {data:x}",
+            "mov es, {data:x}",
+            pointer = in(reg) &pointer,
+            code = const KERNEL_CODE as u64,
+            data = in(reg) u64::from(KERNEL_DATA),
+            scratch = out(reg) _,
+        );
     }
 }

@@ -34,7 +34,6 @@
 
 use crate::apic::{Apic, ApicError};
 use crate::cpu::{inb, outb, rdmsr, read_cr4, wrmsr};
-use crate::gdt::{KERNEL_CODE, KERNEL_DATA};
 use core::arch::{asm, global_asm};
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -333,12 +332,6 @@ extern "C" {
 /// bits preset so loading never writes it.
 static AP_GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
-#[repr(C, packed(2))]
-struct GdtPointer {
-    limit: u16,
-    base: u64,
-}
-
 /// What [`start_aps`] needs besides the APIC and the CPU list.
 pub struct ApStartConfig<'a> {
     /// Physical address of the trampoline page: 4 KiB-aligned, below 1 MiB,
@@ -417,30 +410,10 @@ pub fn init_bsp() -> Result<(), SmpError> {
 /// Where each AP lands from the trampoline: RDI = index, RSI = the kernel's
 /// entry; RSP = its stack top, IF = 0, CS/DS still the trampoline's GDT.
 extern "C" fn ap_entry(cpu_index: usize, kernel_entry: extern "C" fn(usize) -> !) -> ! {
-    let pointer = GdtPointer {
-        limit: (size_of::<[u64; 3]>() - 1) as u16,
-        base: AP_GDT.as_ptr() as u64,
-    };
     // SAFETY: AP_GDT is 'static with a 64-bit code descriptor at KERNEL_CODE
-    // and a data descriptor at KERNEL_DATA, which are what is reloaded here;
-    // after this nothing refers to the trampoline page.
-    unsafe {
-        asm!(
-            "lgdt [{pointer}]",
-            "push {code}",
-            "lea {scratch}, [rip + 2f]",
-            "push {scratch}",
-            "retfq",
-            "2:",
-            "mov ss, {data:x}",
-            "mov ds, {data:x}",
-            "mov es, {data:x}",
-            pointer = in(reg) &pointer,
-            code = const KERNEL_CODE as u64,
-            data = in(reg) u64::from(KERNEL_DATA),
-            scratch = out(reg) _,
-        );
-    }
+    // and a data descriptor at KERNEL_DATA; after this nothing refers to the
+    // trampoline page.
+    unsafe { crate::gdt::load_gdt(AP_GDT.as_ptr() as u64, size_of::<[u64; 3]>() as u16 - 1) };
     let Some(block) = PER_CPU.get(cpu_index) else {
         // The BSP only hands out indices below MAX_CPUS.
         crate::cpu::halt_forever();
