@@ -67,20 +67,24 @@ impl Level {
     }
 }
 
-/// 4-level (48-bit virtual addresses) or 5-level (57-bit) paging.
+/// 4-level (48-bit virtual addresses) or 5-level (57-bit) paging, or
+/// 4-level nested tables (NPT/EPT) that translate guest-physical addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PagingMode {
     /// CR4.LA57 = 0.
     FourLevel,
     /// CR4.LA57 = 1.
     FiveLevel,
+    /// Nested paging: the input is a 48-bit guest-physical address, which is
+    /// not sign-extended (a TDX shared alias has bit 47 set).
+    FourLevelNested,
 }
 
 impl PagingMode {
     /// The root table's level.
     pub const fn top(self) -> Level {
         match self {
-            PagingMode::FourLevel => Level::Pml4,
+            PagingMode::FourLevel | PagingMode::FourLevelNested => Level::Pml4,
             PagingMode::FiveLevel => Level::Pml5,
         }
     }
@@ -90,9 +94,13 @@ impl PagingMode {
         self.top().shift() + 9
     }
 
-    /// Whether `va` is canonical: bits above `va_bits - 1` copy that bit.
+    /// Whether `va` is canonical: bits above `va_bits - 1` copy that bit
+    /// (for nested tables: are zero).
     pub const fn is_canonical(self, va: VirtAddr) -> bool {
         let unused = 64 - self.va_bits();
+        if let PagingMode::FourLevelNested = self {
+            return va.0 >> self.va_bits() == 0;
+        }
         (((va.0 << unused) as i64) >> unused) as u64 == va.0
     }
 }

@@ -391,3 +391,29 @@ fn map_leaf_refuses_overlaps_and_bad_leaves() {
     assert_eq!(gone.level, Level::Pd);
     assert!(pt.lookup_address(VirtAddr(0)).is_err());
 }
+
+#[test]
+fn nested_tables_take_guest_physical_addresses_with_bit_47() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 8);
+    let pt = tables(&mem, PagingMode::FourLevelNested, CcMask::NONE);
+    let shared_alias = VirtAddr((1 << 47) | 0x20_3000);
+    assert!(!PagingMode::FourLevel.is_canonical(shared_alias));
+    assert!(PagingMode::FourLevelNested.is_canonical(shared_alias));
+    assert!(!PagingMode::FourLevelNested.is_canonical(VirtAddr(0xffff_8000_0000_0000)));
+    let flags = PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::USER;
+    pt.map_leaf(
+        shared_alias,
+        PhysAddr(0x4020_3000),
+        Level::Pt,
+        flags,
+        false,
+        &&mem,
+    )
+    .unwrap();
+    assert_eq!(pt.translate(shared_alias), Some(PhysAddr(0x4020_3000)));
+    assert_eq!(
+        pt.translate(VirtAddr(0x20_3000)),
+        None,
+        "the private alias is separate"
+    );
+}
