@@ -12,7 +12,7 @@ CARGO ?= cargo
 TEST_LOG := target/test-output.log
 BARE_METAL_TARGET := x86_64-unknown-none
 LIBRARIES := -p pagetable -p tdx_hypercall -p set_memory_enc
-BARE_METAL := $(LIBRARIES) -p bare -p guest
+BARE_METAL := $(LIBRARIES) -p bare -p guest -p tdx_emulator
 GUEST_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/guest
 
 .PHONY: setup guest run demo test fmt

@@ -44,6 +44,8 @@ boot_gdt_pointer:
     .global pvh_start
 pvh_start:
     cli
+    /* The PVH ABI leaves ESP undefined: the far return below needs a stack. */
+    lea esp, [boot_stack_top]
     mov esi, ebx                  /* hvm_start_info, kept for bare_main */
     /* PML4[0] -> PDPT, PDPT[0..4] -> 4 page directories of 2M pages. */
     lea eax, [boot_pdpt + 0x3]

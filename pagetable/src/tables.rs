@@ -364,12 +364,15 @@ impl<M: TableMemory> PageTables<M> {
         while current != level {
             let index = current.index_of(va);
             let entry = Pte(self.memory.load(table, index));
+            // A user leaf needs U at every level above it (nested tables are
+            // walked as user accesses, so they always do).
+            let user = flags.bits() & PteFlags::USER.bits();
             if entry.is_unused() {
                 let new_table = alloc.allocate_table().ok_or(TableError::OutOfTableMemory)?;
                 for i in 0..ENTRIES_PER_TABLE {
                     self.memory.store_unpublished(new_table, i, 0);
                 }
-                let pointer = new_table.0 | self.cc.private_bits() | TABLE_POINTER_FLAGS;
+                let pointer = new_table.0 | self.cc.private_bits() | TABLE_POINTER_FLAGS | user;
                 if self
                     .memory
                     .compare_exchange(table, index, 0, pointer)
@@ -382,6 +385,13 @@ impl<M: TableMemory> PageTables<M> {
             } else if !entry.is_present() || entry.0 & PteFlags::HUGE_PAGE.bits() != 0 {
                 return Err(TableError::AlreadyMapped { va, level: current });
             } else {
+                if entry.0 & user != user {
+                    // Retried by the loop if the entry changed meanwhile.
+                    let _ = self
+                        .memory
+                        .compare_exchange(table, index, entry.0, entry.0 | user);
+                    continue;
+                }
                 table = self.cc.table_addr(entry);
             }
             current = match current.lower() {

@@ -411,6 +411,16 @@ fn nested_tables_take_guest_physical_addresses_with_bit_47() {
     )
     .unwrap();
     assert_eq!(pt.translate(shared_alias), Some(PhysAddr(0x4020_3000)));
+    // Every level on the way carries U, as a nested walk requires.
+    let mut table = pt.root();
+    for level in [Level::Pml4, Level::Pdpt, Level::Pd] {
+        let entry = Pte(mem.load(table, level.index_of(shared_alias)));
+        assert!(
+            entry.flags().contains(PteFlags::USER),
+            "{level:?} pointer lacks U"
+        );
+        table = CcMask::NONE.table_addr(entry);
+    }
     assert_eq!(
         pt.translate(VirtAddr(0x20_3000)),
         None,

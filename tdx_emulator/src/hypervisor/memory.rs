@@ -1,0 +1,197 @@
+//! The emulator's own memory (the boot identity map, a bump allocator) and
+//! the TD's: guest-physical `[0, TD_BYTES)` backed by host-physical
+//! `[td_base, td_base + TD_BYTES)`, reached through nested tables that map a
+//! page's private alias only while it is private-accepted and its shared
+//! alias (bit 47) only while it is shared.
+
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use pagetable::{
+    CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, TableMemory,
+    VirtAddr,
+};
+use spin::Mutex;
+use tdx_emulator::model::{Backing, PageState};
+
+/// Bytes of TD memory.
+pub const TD_BYTES: u64 = 256 << 20;
+/// Pages of TD memory.
+pub const TD_PAGES: usize = (TD_BYTES / 4096) as usize;
+
+/// Page-table memory through the boot identity map (all RAM below 4 GiB).
+#[derive(Clone, Copy, Default)]
+pub struct Identity;
+
+impl Identity {
+    fn entry(table: PhysAddr, index: usize) -> &'static AtomicU64 {
+        // SAFETY: tables live in RAM below 4 GiB, identity-mapped for the
+        // whole run; entries are 8-byte aligned and only accessed atomically.
+        unsafe { AtomicU64::from_ptr((table.0 + (index as u64 & 511) * 8) as *mut u64) }
+    }
+}
+
+impl TableMemory for Identity {
+    fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        Self::entry(table, index).load(Ordering::SeqCst)
+    }
+    fn compare_exchange(
+        &self,
+        table: PhysAddr,
+        index: usize,
+        current: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        Self::entry(table, index).compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+    }
+    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+        Self::entry(table, index).store(value, Ordering::SeqCst)
+    }
+}
+
+/// Zeroed 4K frames from `[next, end)`; never freed (the emulator runs one TD).
+pub struct Frames {
+    range: Mutex<(u64, u64)>,
+}
+
+impl Frames {
+    pub const fn new() -> Frames {
+        Frames {
+            range: Mutex::new((0, 0)),
+        }
+    }
+    pub fn set_range(&self, start: u64, end: u64) {
+        *self.range.lock() = ((start + 4095) & !4095, end & !4095);
+    }
+    pub fn allocate(&self) -> Option<u64> {
+        let mut range = self.range.lock();
+        if range.0 + 4096 > range.1 {
+            return None;
+        }
+        let frame = range.0;
+        range.0 += 4096;
+        // SAFETY: the frame is RAM taken off the allocator, identity-mapped,
+        // used by no one else.
+        unsafe { core::ptr::write_bytes(frame as *mut u8, 0, 4096) };
+        Some(frame)
+    }
+    /// `pages` contiguous frames.
+    pub fn allocate_contiguous(&self, pages: u64) -> Option<u64> {
+        let first = self.allocate()?;
+        for _ in 1..pages {
+            self.allocate()?;
+        }
+        Some(first)
+    }
+}
+
+impl TableAllocator for Frames {
+    fn allocate_table(&self) -> Option<PhysAddr> {
+        self.allocate().map(PhysAddr)
+    }
+    fn free_table(&self, _frame: PhysAddr) {}
+}
+
+pub static FRAMES: Frames = Frames::new();
+
+/// Page states of the TD, one byte per 4K page.
+pub static PAGE_STATES: [AtomicU8; TD_PAGES] = [const { AtomicU8::new(0) }; TD_PAGES];
+
+/// The TD's memory and nested tables.
+pub struct TdMemory {
+    /// Host-physical address of guest-physical 0.
+    pub base: u64,
+    pub nested: PageTables<Identity>,
+    pub shared_bit: u64,
+}
+
+/// Flags of a nested leaf: nested walks are user accesses, so U is needed.
+fn nested_flags() -> PteFlags {
+    PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::USER
+}
+
+impl TdMemory {
+    pub fn new(base: u64, shared_bit: u64) -> Option<TdMemory> {
+        let root = FRAMES.allocate()?;
+        Some(TdMemory {
+            base,
+            nested: PageTables::new(
+                Identity,
+                PhysAddr(root),
+                PagingMode::FourLevelNested,
+                CcMask::NONE,
+            ),
+            shared_bit,
+        })
+    }
+
+    pub fn root(&self) -> u64 {
+        self.nested.root().0
+    }
+
+    /// Host-physical address of `gpa` (no shared bit), if it is TD memory.
+    pub fn host_address(&self, gpa: u64) -> Option<u64> {
+        (gpa < TD_BYTES).then_some(self.base + gpa)
+    }
+
+    fn ensure(&self, alias: u64, hpa: u64, present: bool) {
+        let mapped = self.nested.translate(VirtAddr(alias)).is_some();
+        if present && !mapped {
+            if let Err(e) = self.nested.map_leaf(
+                VirtAddr(alias),
+                PhysAddr(hpa),
+                Level::Pt,
+                nested_flags(),
+                false,
+                &FRAMES,
+            ) {
+                panic!("nested map of {alias:#x}: {e:?}");
+            }
+        } else if !present && mapped {
+            let _ = self.nested.unmap_leaf(VirtAddr(alias));
+        }
+    }
+
+    /// Copies `bytes` into TD memory at `gpa`.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(
+            gpa + bytes.len() as u64 <= TD_BYTES,
+            "write outside TD memory"
+        );
+        // SAFETY: the range is TD memory (checked), identity-mapped RAM that
+        // the emulator owns; no vCPU runs yet or the caller owns the page.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (self.base + gpa) as *mut u8,
+                bytes.len(),
+            )
+        };
+    }
+
+    /// A view of TD memory at `gpa` for building firmware structures.
+    pub fn slice_mut(&self, gpa: u64, len: usize) -> &'static mut [u8] {
+        assert!(gpa + len as u64 <= TD_BYTES, "slice outside TD memory");
+        // SAFETY: TD memory, identity-mapped; only used while setting the TD
+        // up, before any vCPU runs, one slice at a time.
+        unsafe { core::slice::from_raw_parts_mut((self.base + gpa) as *mut u8, len) }
+    }
+}
+
+impl Backing for TdMemory {
+    fn set_mapping(&self, gpa: u64, state: PageState) {
+        let hpa = self.base + gpa;
+        self.ensure(gpa, hpa, state == PageState::Private);
+        self.ensure(gpa | self.shared_bit, hpa, state == PageState::Shared);
+    }
+
+    fn zero_page(&self, gpa: u64) {
+        if gpa < TD_BYTES {
+            // SAFETY: a TD page, identity-mapped; the guest has no mapping
+            // to it at this moment (it is being converted or accepted).
+            unsafe { core::ptr::write_bytes((self.base + gpa) as *mut u8, 0, 4096) };
+        }
+    }
+
+    fn flush_nested_tlbs(&self) {
+        super::vcpu::flush_nested_tlbs_everywhere();
+    }
+}
