@@ -13,6 +13,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How QEMU runs a program: the guest alone, or the guest as a TD under the
+/// TDX-module emulator.
+#[derive(Clone, Debug)]
+pub enum Machine {
+    /// `-kernel guest`.
+    Plain { guest: PathBuf },
+    /// `-kernel emulator -initrd guest`, on a CPU with SVM and nested paging.
+    Td {
+        emulator: PathBuf,
+        guest: PathBuf,
+        options: String,
+    },
+}
+
 /// QEMU's exit status when the guest reports success.
 pub const EXIT_PASS: i32 = 33;
 /// QEMU's exit status when the guest reports failure.
@@ -38,49 +52,68 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The guest ELF: `$GUEST_ELF` if set (the Makefile builds it first), else
-/// built here with a separate target directory so it cannot wait on the
-/// lock of the cargo that runs these tests.
+/// built here.
 pub fn guest_elf() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("GUEST_ELF") {
+    bare_metal_elf("GUEST_ELF", "guest", &[])
+}
+
+/// The guest built with the legacy conversion order available (for the
+/// negative control): `$GUEST_LEGACY_ELF`, else built here.
+pub fn guest_legacy_elf() -> Result<PathBuf, String> {
+    bare_metal_elf(
+        "GUEST_LEGACY_ELF",
+        "guest",
+        &["--features", "negative-control"],
+    )
+}
+
+/// The TDX-module emulator: `$EMULATOR_ELF`, else built here.
+pub fn emulator_elf() -> Result<PathBuf, String> {
+    bare_metal_elf("EMULATOR_ELF", "tdx_emulator", &[])
+}
+
+/// `$variable` if set, else `package` built with `extra` arguments into a
+/// target directory of its own, so it cannot wait on the lock of the cargo
+/// that runs these tests.
+fn bare_metal_elf(variable: &str, package: &str, extra: &[&str]) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(variable) {
         return Ok(PathBuf::from(path));
     }
     let root = workspace_root();
-    let target_dir = root.join("target/guest-harness");
+    let flavour = if extra.is_empty() {
+        "default"
+    } else {
+        "features"
+    };
+    let target_dir = root.join(format!("target/harness-{package}-{flavour}"));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
         .args([
             "build",
             "--release",
             "-p",
-            "guest",
+            package,
             "--target",
             "x86_64-unknown-none",
-            "--target-dir",
         ])
+        .args(extra)
+        .arg("--target-dir")
         .arg(&target_dir)
         .status()
         .map_err(|e| format!("running cargo: {e}"))?;
     if !status.success() {
-        return Err(format!("building the guest failed: {status}"));
+        return Err(format!("building {package} failed: {status}"));
     }
-    Ok(target_dir.join("x86_64-unknown-none/release/guest"))
+    Ok(target_dir.join(format!("x86_64-unknown-none/release/{package}")))
 }
 
-/// The QEMU command line for `elf` with `cpus` vCPUs. No KVM: TCG, with one
-/// host thread per vCPU so they really run in parallel.
-pub fn qemu_command(elf: &Path, cpus: u32, append: Option<&str>) -> Command {
+/// The QEMU command line for `machine` with `cpus` vCPUs and the guest
+/// command line `append`. No KVM: TCG, with one host thread per vCPU so they
+/// really run in parallel.
+pub fn qemu_command(machine: &Machine, cpus: u32, append: Option<&str>) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-machine",
-            "q35",
-            "-cpu",
-            "qemu64",
-            "-m",
-            "256M",
-        ])
+        .args(["-accel", "tcg,thread=multi", "-machine", "q35"])
         .args(["-smp", &cpus.to_string()])
         .args([
             "-nodefaults",
@@ -91,11 +124,32 @@ pub fn qemu_command(elf: &Path, cpus: u32, append: Option<&str>) -> Command {
             "-serial",
             "stdio",
         ])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .arg("-kernel")
-        .arg(elf);
-    if let Some(append) = append {
-        command.args(["-append", append]);
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    match machine {
+        Machine::Plain { guest } => {
+            command
+                .args(["-cpu", "qemu64", "-m", "256M"])
+                .arg("-kernel")
+                .arg(guest);
+            if let Some(append) = append {
+                command.args(["-append", append]);
+            }
+        }
+        Machine::Td {
+            emulator,
+            guest,
+            options,
+        } => {
+            // The emulator takes its options, then `--`, then the guest's.
+            let line = format!("{options} -- {}", append.unwrap_or(""));
+            command
+                .args(["-cpu", "qemu64,+svm,+npt,phys-bits=48", "-m", "1G"])
+                .arg("-kernel")
+                .arg(emulator)
+                .arg("-initrd")
+                .arg(guest)
+                .args(["-append", line.trim()]);
+        }
     }
     command
 }
@@ -111,15 +165,15 @@ pub struct Run {
     pub elapsed: Duration,
 }
 
-/// Boots `elf` and waits at most `timeout`, keeping the serial log.
+/// Boots `machine` and waits at most `timeout`, keeping the serial log.
 pub fn run_guest(
-    elf: &Path,
+    machine: &Machine,
     cpus: u32,
     append: Option<&str>,
     timeout: Duration,
 ) -> Result<Run, String> {
     let started = Instant::now();
-    let mut child = qemu_command(elf, cpus, append)
+    let mut child = qemu_command(machine, cpus, append)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,6 +222,8 @@ pub struct Report {
     pub tests: Vec<(String, Result<(), String>)>,
     /// `STRESS` counters.
     pub stress: BTreeMap<String, u64>,
+    /// The TDX-module emulator's `TDXEMU` counters (TD runs only).
+    pub tdx: BTreeMap<String, u64>,
     /// `SUMMARY passed=.. failed=..`.
     pub summary: Option<(u64, u64)>,
     /// The first `FATAL:` or `PANIC:` line.
@@ -188,13 +244,9 @@ pub fn parse_log(log: &str) -> Report {
             };
             report.tests.push((name.to_string(), result));
         } else if let Some(rest) = line.strip_prefix("STRESS ") {
-            for pair in rest.split_whitespace() {
-                if let Some((key, value)) = pair.split_once('=') {
-                    if let Ok(value) = value.parse() {
-                        report.stress.insert(key.to_string(), value);
-                    }
-                }
-            }
+            parse_counters(rest, &mut report.stress);
+        } else if let Some(rest) = line.strip_prefix("TDXEMU ") {
+            parse_counters(rest, &mut report.tdx);
         } else if let Some(rest) = line.strip_prefix("SUMMARY ") {
             let field = |key: &str| {
                 rest.split_whitespace()
@@ -211,6 +263,16 @@ pub fn parse_log(log: &str) -> Report {
         }
     }
     report
+}
+
+fn parse_counters(text: &str, into: &mut BTreeMap<String, u64>) {
+    for pair in text.split_whitespace() {
+        if let Some((key, value)) = pair.split_once('=') {
+            if let Ok(value) = value.parse() {
+                into.insert(key.to_string(), value);
+            }
+        }
+    }
 }
 
 /// Every expected test reported ok exactly once, nothing failed or crashed,
@@ -263,12 +325,13 @@ pub fn judge(run_exit: Option<i32>, report: &Report, expected: &[&str]) -> Resul
 mod tests {
     use super::*;
 
-    const GOOD: &str = "guest: booted\nPLAN 2\nTEST a ok\nTEST b ok\nSTRESS cpus=2 conversions=10000 fixups=5\nSUMMARY passed=2 failed=0\n";
+    const GOOD: &str = "guest: booted\nPLAN 2\nTEST a ok\nTEST b ok\nSTRESS cpus=2 conversions=10000 fixups=5\nSUMMARY passed=2 failed=0\nTDXEMU ve_ept_violation=0 map_gpa_calls=7\n";
 
     #[test]
     fn a_good_log_passes() {
         let report = parse_log(GOOD);
         assert_eq!(report.stress.get("conversions"), Some(&10000));
+        assert_eq!(report.tdx.get("map_gpa_calls"), Some(&7));
         assert_eq!(judge(Some(EXIT_PASS), &report, &["a", "b"]), Ok(()));
     }
 

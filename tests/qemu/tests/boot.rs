@@ -2,7 +2,7 @@
 //! run is bounded; on any failure the whole log is printed.
 
 use qemu_harness::{
-    guest_elf, judge, parse_log, run_guest, Report, Run, EXIT_FAIL, EXPECTED_TESTS,
+    guest_elf, judge, parse_log, run_guest, Machine, Report, Run, EXIT_FAIL, EXPECTED_TESTS,
 };
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,8 +18,9 @@ fn boot(cpus: u32, append: Option<&str>) -> (Run, Report) {
     let _only_me = ONE_QEMU_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let elf = guest_elf().unwrap_or_else(|e| panic!("{e}"));
-    let run = run_guest(&elf, cpus, append, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let run = run_guest(&Machine::Plain { guest }, cpus, append, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
     let report = parse_log(&run.log);
     println!(
         "-smp {cpus} {append:?}: exit {:?} after {:.1?}",
