@@ -207,7 +207,11 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
             ve_latched: None,
         },
     };
-    println!("emulator: vCPU {index} starts");
+    if index == 0 {
+        // Only before the TD prints anything: the TD's console bytes and
+        // the emulator's lines share COM1 without a common lock.
+        println!("emulator: vCPU 0 starts");
+    }
     loop {
         vcpu.enter();
         vcpu.handle_exit();
