@@ -3,7 +3,8 @@
 #                in-guest tests and the load_unaligned_zeropad stress
 #   make test  - formatting, lints, bare-metal builds and every test
 # Both install what is missing first (scripts/setup.sh).
-# Also: make demo - the engine over simulated memory on the host, step by step.
+# Also: make run-td - the guest as a TD under the TDX-module emulator;
+#       make demo   - the engine over simulated memory on the host, step by step.
 
 SHELL := bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -14,17 +15,28 @@ BARE_METAL_TARGET := x86_64-unknown-none
 LIBRARIES := -p pagetable -p tdx_hypercall -p set_memory_enc
 BARE_METAL := $(LIBRARIES) -p bare -p guest -p tdx_emulator
 GUEST_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/guest
+EMULATOR_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/tdx_emulator
+# The guest with the legacy conversion order compiled in (negative control
+# only), in its own target directory so it never replaces the real one.
+GUEST_LEGACY_ELF := $(CURDIR)/target/negative-control/$(BARE_METAL_TARGET)/release/guest
+ELFS := GUEST_ELF=$(GUEST_ELF) EMULATOR_ELF=$(EMULATOR_ELF) GUEST_LEGACY_ELF=$(GUEST_LEGACY_ELF)
 
-.PHONY: setup guest run demo test fmt
+.PHONY: setup guest run run-td demo test fmt
 
 setup:
 	@./scripts/setup.sh
 
 guest: setup
-	$(CARGO) build --release -p guest --target $(BARE_METAL_TARGET)
+	$(CARGO) build --release -p guest -p tdx_emulator --target $(BARE_METAL_TARGET)
+	$(CARGO) build --release -p guest --features negative-control --target $(BARE_METAL_TARGET) \
+		--target-dir target/negative-control
 
 run: guest
-	GUEST_ELF=$(GUEST_ELF) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4
+	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4
+
+# The guest as a TD under the TDX-module emulator (strict mode), 4 vCPUs.
+run-td: guest
+	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4 --td strict -- stress-rounds=300
 
 demo: setup
 	$(CARGO) run --quiet -p demo
@@ -36,7 +48,7 @@ test: guest
 	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
 	mkdir -p target && : > $(TEST_LOG)
 	# --nocapture: the QEMU boots print their stress counters.
-	GUEST_ELF=$(GUEST_ELF) $(CARGO) test --workspace --all-features --exclude set_memory_enc \
+	$(ELFS) $(CARGO) test --workspace --all-features --exclude set_memory_enc \
 		-- --nocapture 2>&1 | tee -a $(TEST_LOG)
 	# --nocapture: the race model prints how many interleavings it explored.
 	$(CARGO) test -p set_memory_enc --all-features -- --nocapture --test-threads 2 2>&1 | tee -a $(TEST_LOG)

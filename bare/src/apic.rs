@@ -98,6 +98,8 @@ pub const MAX_X2APIC_ID: u32 = 0xffff_fffe;
 pub enum ApicError {
     /// CPUID reports no local APIC.
     NotPresent,
+    /// [`Apic::x2apic_only`]: CPUID reports no x2APIC.
+    X2apicNotSupported,
     /// The vector is below [`FIRST_INTERRUPT_VECTOR`].
     InvalidVector(u8),
     /// The APIC ID cannot name one CPU in this mode (above
@@ -127,6 +129,9 @@ pub enum ApicMode {
 #[derive(Clone, Copy, Debug)]
 pub struct Apic {
     mode: ApicMode,
+    /// Whether [`Apic::enable_on_this_cpu`] sets the mode in IA32_APIC_BASE
+    /// (false where the platform fixes it: see [`Apic::x2apic_only`]).
+    sets_base_msr: bool,
 }
 
 /// Whether this CPU reports x2APIC support (CPUID.1:ECX[21]).
@@ -167,7 +172,30 @@ impl Apic {
         } else {
             ApicMode::Xapic { mmio: xapic_mmio }
         };
-        Ok(Apic { mode })
+        Ok(Apic {
+            mode,
+            sets_base_msr: true,
+        })
+    }
+
+    /// The x2APIC interface of a platform that keeps every local APIC
+    /// enabled in x2APIC mode, such as a TD (its APIC is virtualized through
+    /// the x2APIC MSRs only), or an error if CPUID does not report x2APIC.
+    /// [`Apic::enable_on_this_cpu`] then leaves IA32_APIC_BASE alone: it is
+    /// not the guest's to change there, and in a TD even reading it may cost
+    /// a #VE and a question to the VMM. Needs no mapping, so unlike
+    /// [`Apic::new`] it is safe.
+    pub fn x2apic_only() -> Result<Apic, ApicError> {
+        if cpuid(1, 0).edx & CPUID_1_EDX_APIC == 0 {
+            return Err(ApicError::NotPresent);
+        }
+        if !x2apic_supported() {
+            return Err(ApicError::X2apicNotSupported);
+        }
+        Ok(Apic {
+            mode: ApicMode::X2apic,
+            sets_base_msr: false,
+        })
     }
 
     /// The register interface in use.
@@ -208,14 +236,31 @@ impl Apic {
     }
 
     /// Turns this CPU's local APIC on in the chosen mode: IA32_APIC_BASE
-    /// global enable (plus EXTD for x2APIC), task priority 0 (accept every
-    /// vector), error status cleared, spurious-vector register = software
-    /// enable | `spurious_vector`. The spurious vector needs an IDT handler
+    /// global enable (plus EXTD for x2APIC; left alone for
+    /// [`Apic::x2apic_only`]), task priority 0 (accept every vector), error
+    /// status cleared, spurious-vector register = software enable |
+    /// `spurious_vector`. The spurious vector needs an IDT handler
     /// that does *not* send EOI.
     pub fn enable_on_this_cpu(&self, spurious_vector: u8) -> Result<(), ApicError> {
         if spurious_vector < FIRST_INTERRUPT_VECTOR {
             return Err(ApicError::InvalidVector(spurious_vector));
         }
+        if self.sets_base_msr {
+            self.set_mode_in_base_msr();
+        }
+        self.write(register::TASK_PRIORITY, 0);
+        // The ESR latches on a write; two writes clear what was recorded.
+        self.write(register::ERROR_STATUS, 0);
+        self.write(register::ERROR_STATUS, 0);
+        self.write(
+            register::SPURIOUS,
+            SPURIOUS_APIC_ENABLE | u32::from(spurious_vector),
+        );
+        Ok(())
+    }
+
+    /// IA32_APIC_BASE: global enable, and EXTD as the mode wants.
+    fn set_mode_in_base_msr(&self) {
         // SAFETY: IA32_APIC_BASE exists on every CPU with a local APIC,
         // which `new` checked (all CPUs of a machine report the same CPUID).
         let base = unsafe { rdmsr(MSR_APIC_BASE) };
@@ -247,15 +292,6 @@ impl Apic {
                 }
             }
         }
-        self.write(register::TASK_PRIORITY, 0);
-        // The ESR latches on a write; two writes clear what was recorded.
-        self.write(register::ERROR_STATUS, 0);
-        self.write(register::ERROR_STATUS, 0);
-        self.write(
-            register::SPURIOUS,
-            SPURIOUS_APIC_ENABLE | u32::from(spurious_vector),
-        );
-        Ok(())
     }
 
     /// Physical address of this CPU's APIC page (IA32_APIC_BASE), to compare

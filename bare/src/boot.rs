@@ -78,8 +78,13 @@ pvh_start:
     mov cr3, eax
     mov ecx, 0xC0000080           /* EFER */
     rdmsr
-    or eax, 0x900                 /* LME | NXE */
+    mov ebx, eax                  /* (EBX is free: ESI keeps the start info) */
+    and ebx, 0x900
+    cmp ebx, 0x900                /* LME | NXE */
+    je 5f                         /* already set (a TD's may be): no needless write */
+    or eax, 0x900
     wrmsr
+5:
     mov eax, cr0
     or eax, 0x80010001            /* PG | WP | PE */
     mov cr0, eax

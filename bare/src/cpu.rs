@@ -137,6 +137,17 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
     core::arch::x86_64::__cpuid_count(leaf, subleaf)
 }
 
+/// The time-stamp counter (RDTSC; not ordered with surrounding loads, which the bounded waits
+/// that use it do not need).
+pub fn read_tsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: RDTSC only reads the counter (CR4.TSD is never set, and we run at CPL 0).
+    unsafe {
+        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    }
+    (u64::from(high) << 32) | u64::from(low)
+}
+
 /// Enables interrupts.
 pub fn enable_interrupts() {
     // SAFETY: handlers are installed before anyone calls this.

@@ -16,6 +16,18 @@ pub const IST_DOUBLE_FAULT: u8 = 1;
 /// IST index used by NMI.
 pub const IST_NMI: u8 = 2;
 
+/// A 64-bit code descriptor (DPL 0, accessed preset so loading never writes it).
+pub const CODE64_DESCRIPTOR: u64 = 0x00af_9b00_0000_ffff;
+/// A flat read/write data descriptor, base 0 (DPL 0, accessed preset).
+pub const DATA_DESCRIPTOR: u64 = 0x00cf_9300_0000_ffff;
+
+/// [`DATA_DESCRIPTOR`] with base `base`. In 64-bit mode a data descriptor's base matters only
+/// when loaded into FS or GS, which take its 32 bits (zero-extended) as their base.
+pub const fn data_descriptor_with_base(base: u32) -> u64 {
+    let base = base as u64;
+    DATA_DESCRIPTOR | (base & 0xff_ffff) << 16 | (base >> 24) << 56
+}
+
 /// The 64-bit TSS.
 #[repr(C, packed(4))]
 #[derive(Default)]
@@ -121,5 +133,57 @@ pub unsafe fn load_gdt(base: u64, limit: u16) {
             data = in(reg) u64::from(KERNEL_DATA),
             scratch = out(reg) _,
         );
+    }
+}
+
+/// Sets this CPU's GS base to `base` by loading GS from a descriptor, not through the
+/// IA32_GS_BASE MSR: in a TD under the emulator that MSR write raises #VE (on an AP before it
+/// has an IDT, fatally), while a segment load is an ordinary instruction everywhere. GDTR
+/// points at a three-entry table for the load and is restored; GS's selector then names the
+/// data descriptor of the restored table, which matters only if something reloaded GS (nothing
+/// may: that would also reset the base).
+///
+/// The temporary table keeps a code descriptor at [`KERNEL_CODE`] and its data descriptor at
+/// [`KERNEL_DATA`], so an exception or NMI taken in between is delivered and returns normally.
+#[cfg(target_os = "none")]
+pub fn load_gs_base_below_4g(base: u32) {
+    let temporary = [0, CODE64_DESCRIPTOR, data_descriptor_with_base(base)];
+    let temporary_pointer = Pointer {
+        limit: size_of::<[u64; 3]>() as u16 - 1,
+        base: temporary.as_ptr() as u64,
+    };
+    let mut saved = Pointer { limit: 0, base: 0 };
+    // SAFETY: SGDT stores 10 bytes into `saved`, which has that layout; LGDT then loads a valid
+    // table that lives until the GDTR is restored from `saved` two instructions later (the
+    // outer table, which the caller keeps loaded, is left as it was). Loading GS with a
+    // present DPL-0 data descriptor at CPL 0 cannot fault; only GS changes.
+    unsafe {
+        asm!(
+            "sgdt [{saved}]",
+            "lgdt [{temporary}]",
+            "mov gs, {selector:x}",
+            "lgdt [{saved}]",
+            saved = in(reg) &mut saved,
+            temporary = in(reg) &temporary_pointer,
+            selector = in(reg) u64::from(KERNEL_DATA),
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_descriptor_base_is_split_as_the_cpu_reads_it() {
+        assert_eq!(data_descriptor_with_base(0), DATA_DESCRIPTOR);
+        let d = data_descriptor_with_base(0x1234_5678);
+        // Base 15:0 in bits 31:16, base 23:16 in bits 39:32, base 31:24 in bits 63:56.
+        assert_eq!((d >> 16) & 0xffff, 0x5678);
+        assert_eq!((d >> 32) & 0xff, 0x34);
+        assert_eq!(d >> 56, 0x12);
+        // Limit, type, flags untouched.
+        assert_eq!(d & 0x00ff_ff00_0000_ffff, DATA_DESCRIPTOR);
     }
 }

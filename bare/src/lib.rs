@@ -18,11 +18,14 @@ pub mod cpu;
 pub mod exit;
 #[cfg(target_os = "none")]
 pub mod extable;
-#[cfg(target_os = "none")]
+// Also built for host tests: its descriptor encoding is tested there.
+#[cfg(any(target_os = "none", test))]
 pub mod gdt;
 #[cfg(target_os = "none")]
 pub mod idt;
+pub mod mpwakeup;
 #[cfg(target_os = "none")]
 pub mod serial;
 #[cfg(target_os = "none")]
 pub mod smp;
+pub mod tsc;

@@ -1,6 +1,11 @@
 //! Starting the application processors (APs) and telling CPUs apart.
 //!
-//! # Bring-up
+//! Two ways to start APs share the bookkeeping here (CPU indices, per-CPU
+//! blocks, the online count, one AP at a time, `ap_entry`): INIT-SIPI-SIPI
+//! with a real-mode trampoline ([`start_aps`], below), and the ACPI
+//! multiprocessor wakeup mailbox of a TD ([`crate::mpwakeup::start_aps`]).
+//!
+//! # Bring-up with INIT-SIPI-SIPI
 //! [`start_aps`] copies the trampoline (the `global_asm!` below) to a page
 //! below 1 MiB and starts the APs one at a time: it fills the trampoline's
 //! parameter block (CR3, CR0, CR4, EFER, stack top, CPU index, entry), sends
@@ -27,10 +32,13 @@
 //! there: APs start through the MADT wakeup mailbox instead).
 //!
 //! # Per-CPU index
-//! Every CPU's GS base (IA32_GS_BASE) points at its own [`PerCpu`] block,
-//! whose first word is the CPU's index, so [`cpu_index`] is one load. The
-//! BSP is index 0 ([`init_bsp`]); APs are 1, 2, ... in start order. Nothing
-//! else may change GS base (a future user mode needs SWAPGS discipline).
+//! Every CPU's GS base points at its own [`PerCpu`] block, whose first word
+//! is the CPU's index, so [`cpu_index`] is one load. The BSP is index 0
+//! ([`init_bsp`]); APs are 1, 2, ... in start order. Nothing else may change
+//! GS base (a future user mode needs SWAPGS discipline). GS base is set by
+//! loading GS from a descriptor ([`crate::gdt::load_gs_base_below_4g`]), not
+//! by writing IA32_GS_BASE, when the block is below 4 GiB (it is in the
+//! kernel image): that needs no MSR, which a TD may have to ask the VMM for.
 
 use crate::apic::{Apic, ApicError};
 use crate::cpu::{inb, outb, rdmsr, read_cr4, wrmsr};
@@ -134,8 +142,24 @@ pub enum SmpError {
         /// What the APIC driver reported.
         error: ApicError,
     },
-    /// An AP did not report online in time. It was sent INIT again, so it
-    /// waits for STARTUP and will not run later.
+    /// The wakeup mailbox refused or did not take a command.
+    Wakeup {
+        /// The AP it was for.
+        apic_id: u32,
+        /// What went wrong.
+        error: crate::mpwakeup::WakeupError,
+    },
+    /// The AP that ran the wakeup vector reported another APIC ID (RDI)
+    /// than the one the mailbox was given.
+    WrongApWoke {
+        /// The APIC ID written to the mailbox.
+        asked: u32,
+        /// The one the AP reported.
+        woke: u32,
+    },
+    /// An AP did not report online in time. With INIT-SIPI it was sent INIT
+    /// again, so it waits for STARTUP and will not run later; a mailbox AP
+    /// cannot be stopped (it may still come up, unused).
     ApTimeout {
         /// The AP that did not come up.
         apic_id: u32,
@@ -160,14 +184,31 @@ pub enum ApStage {
     /// executable, kernel image or stack not mapped). Usually such an AP
     /// triple-faults, which resets the whole machine.
     EnablingPaging,
+    /// Mailbox wakeup: the AP ran the wakeup vector, then stopped loading
+    /// the IDT or making sure of EFER.NXE.
+    WokenUp,
+    /// Mailbox wakeup: the AP was loading the kernel's CR3 and its stack and
+    /// did not reach its kernel entry: suspect the tables at CR3 (kernel image
+    /// not identity-mapped, stack not mapped).
+    LoadingKernelTables,
+}
+
+/// The markers an AP writes as it goes ([`ApStage`]).
+pub(crate) mod stage_marker {
+    /// Mailbox: at the wakeup vector.
+    pub const WOKEN_UP: u32 = 0x10;
+    /// Mailbox: about to load the kernel's CR3.
+    pub const LOADING_KERNEL_TABLES: u32 = 0x11;
 }
 
 impl ApStage {
-    fn from_marker(marker: u32) -> ApStage {
+    pub(crate) fn from_marker(marker: u32) -> ApStage {
         match marker {
             0 => ApStage::NotStarted,
             1 => ApStage::RealMode,
             2 => ApStage::ProtectedMode,
+            stage_marker::WOKEN_UP => ApStage::WokenUp,
+            stage_marker::LOADING_KERNEL_TABLES => ApStage::LoadingKernelTables,
             _ => ApStage::EnablingPaging,
         }
     }
@@ -382,11 +423,17 @@ pub fn apic_id_of(cpu_index: usize) -> Option<u32> {
         .filter(|&id| id != APIC_ID_UNKNOWN)
 }
 
-/// Points this CPU's GS base at `block`.
+/// Points this CPU's GS base at `block`: by a descriptor load when the
+/// block is below 4 GiB (no MSR access, see the module doc), else through
+/// IA32_GS_BASE.
 fn set_gs_base(block: &'static PerCpu) {
-    // SAFETY: IA32_GS_BASE exists on every x86-64 CPU; this module is the
-    // only user of GS, and the block is 'static.
-    unsafe { wrmsr(MSR_GS_BASE, block as *const PerCpu as u64) }
+    let address = block as *const PerCpu as u64;
+    match u32::try_from(address) {
+        Ok(below_4g) => crate::gdt::load_gs_base_below_4g(below_4g),
+        // SAFETY: IA32_GS_BASE exists on every x86-64 CPU; this module is the
+        // only user of GS, and the block is 'static.
+        Err(_) => unsafe { wrmsr(MSR_GS_BASE, address) },
+    }
 }
 
 /// Makes the calling CPU (the BSP) CPU index 0: sets its GS base, so
@@ -407,9 +454,10 @@ pub fn init_bsp() -> Result<(), SmpError> {
     Ok(())
 }
 
-/// Where each AP lands from the trampoline: RDI = index, RSI = the kernel's
-/// entry; RSP = its stack top, IF = 0, CS/DS still the trampoline's GDT.
-extern "C" fn ap_entry(cpu_index: usize, kernel_entry: extern "C" fn(usize) -> !) -> ! {
+/// Where each AP lands from the trampoline or the wakeup vector: RDI =
+/// index, RSI = the kernel's entry; RSP = its stack top, IF = 0, CS/DS still
+/// the trampoline's (or the firmware's) GDT.
+pub(crate) extern "C" fn ap_entry(cpu_index: usize, kernel_entry: extern "C" fn(usize) -> !) -> ! {
     // SAFETY: AP_GDT is 'static with a 64-bit code descriptor at KERNEL_CODE
     // and a data descriptor at KERNEL_DATA; after this nothing refers to the
     // trampoline page.
@@ -510,6 +558,95 @@ pub fn delay_us(us: u64) {
     pit::wait_until(us, || false);
 }
 
+/// One AP, as the shared bookkeeping hands it to a start method.
+pub(crate) struct ApSlot {
+    /// Its CPU index.
+    pub index: usize,
+    /// Its APIC ID.
+    pub apic_id: u32,
+    /// Its stack top (checked: non-zero, 16-byte aligned).
+    pub stack_top: u64,
+    /// CPUs online before it (BSP included).
+    pub online_before: usize,
+    block: &'static PerCpu,
+}
+
+impl ApSlot {
+    /// Whether it reached `ap_entry` and reported online.
+    pub fn is_online(&self) -> bool {
+        self.block.online.load(Ordering::Acquire)
+    }
+}
+
+/// The checks both start methods make, and the claim that makes starting
+/// APs one-shot: the BSP is set up, no APIC ID is listed twice, the CPUs fit
+/// [`MAX_CPUS`], then `method_ready` (the method's own last check), then no
+/// start ran before. Records the BSP's APIC ID.
+pub(crate) fn claim_ap_start(
+    bsp_apic_id: u32,
+    apic_ids: &[u32],
+    method_ready: impl FnOnce() -> Result<(), SmpError>,
+) -> Result<(), SmpError> {
+    if ONLINE.load(Ordering::Acquire) == 0 {
+        return Err(SmpError::BspNotInitialized);
+    }
+    let mut ap_count = 0;
+    for (i, &id) in apic_ids.iter().enumerate() {
+        if apic_ids[..i].contains(&id) {
+            return Err(SmpError::DuplicateApicId(id));
+        }
+        if id != bsp_apic_id {
+            ap_count += 1;
+        }
+    }
+    if ap_count + 1 > MAX_CPUS {
+        return Err(SmpError::TooManyCpus(ap_count + 1));
+    }
+    method_ready()?;
+    if APS_STARTED.swap(true, Ordering::AcqRel) {
+        return Err(SmpError::AlreadyStarted);
+    }
+    PER_CPU[0].apic_id.store(bsp_apic_id, Ordering::Release);
+    Ok(())
+}
+
+/// Starts the APs of `apic_ids` (the BSP's skipped) one at a time, with CPU
+/// indices 1, 2, ... in list order: prepares each one's [`PerCpu`] block,
+/// then `start_one` must start it and return once [`ApSlot::is_online`]
+/// (or fail, which stops here). Returns the CPUs online, BSP included.
+/// Call after [`claim_ap_start`].
+pub(crate) fn start_one_by_one(
+    bsp_apic_id: u32,
+    apic_ids: &[u32],
+    stack_top_for: &dyn Fn(usize) -> u64,
+    mut start_one: impl FnMut(&ApSlot) -> Result<(), SmpError>,
+) -> Result<usize, SmpError> {
+    let aps = apic_ids.iter().filter(|&&id| id != bsp_apic_id);
+    let mut online = 1;
+    for (index, &apic_id) in (1..).zip(aps) {
+        let stack_top = stack_top_for(index);
+        if stack_top == 0 || stack_top & 0xf != 0 {
+            return Err(SmpError::BadStackTop {
+                cpu_index: index,
+                stack_top,
+            });
+        }
+        let block = &PER_CPU[index];
+        block.index.store(index, Ordering::Relaxed);
+        block.apic_id.store(apic_id, Ordering::Relaxed);
+        block.online.store(false, Ordering::Relaxed);
+        start_one(&ApSlot {
+            index,
+            apic_id,
+            stack_top,
+            online_before: online,
+            block,
+        })?;
+        online += 1;
+    }
+    Ok(online)
+}
+
 fn read_cr0() -> u64 {
     let value: u64;
     // SAFETY: reading CR0 has no side effect; we run at CPL 0.
@@ -566,25 +703,13 @@ pub unsafe fn start_aps(
         return Err(SmpError::Cr3AboveFourGiB(config.cr3));
     }
     let bsp_apic_id = apic.id();
-    let mut ap_count = 0;
-    for (i, &id) in apic_ids.iter().enumerate() {
-        if apic_ids[..i].contains(&id) {
-            return Err(SmpError::DuplicateApicId(id));
+    claim_ap_start(bsp_apic_id, apic_ids, || {
+        if pit::present() {
+            Ok(())
+        } else {
+            Err(SmpError::NoTimer)
         }
-        if id != bsp_apic_id {
-            ap_count += 1;
-        }
-    }
-    if ap_count + 1 > MAX_CPUS {
-        return Err(SmpError::TooManyCpus(ap_count + 1));
-    }
-    if !pit::present() {
-        return Err(SmpError::NoTimer);
-    }
-    if APS_STARTED.swap(true, Ordering::AcqRel) {
-        return Err(SmpError::AlreadyStarted);
-    }
-    PER_CPU[0].apic_id.store(bsp_apic_id, Ordering::Release);
+    })?;
 
     // The three symbols delimit the trampoline in .rodata.
     let start = core::ptr::addr_of!(bare_smp_trampoline_start);
@@ -614,20 +739,8 @@ pub unsafe fn start_aps(
     // SAFETY: EFER exists on every x86-64 CPU; reading it has no side effect.
     let efer = (unsafe { rdmsr(MSR_EFER) } & (EFER_SCE | EFER_NXE)) | EFER_LME;
 
-    let aps = apic_ids.iter().filter(|&&id| id != bsp_apic_id);
-    let mut online = 1;
-    for (index, &apic_id) in (1..).zip(aps) {
-        let stack_top = (config.stack_top_for)(index);
-        if stack_top == 0 || stack_top & 0xf != 0 {
-            return Err(SmpError::BadStackTop {
-                cpu_index: index,
-                stack_top,
-            });
-        }
-        let block = &PER_CPU[index];
-        block.index.store(index, Ordering::Relaxed);
-        block.apic_id.store(apic_id, Ordering::Relaxed);
-        block.online.store(false, Ordering::Relaxed);
+    start_one_by_one(bsp_apic_id, apic_ids, config.stack_top_for, |ap| {
+        let apic_id = ap.apic_id;
         // SAFETY: `params` is inside the copied trampoline, 8-aligned (the
         // page is 4 KiB-aligned, the block 8-aligned in it); no AP runs the
         // trampoline now (the previous one is past it or was sent INIT).
@@ -639,8 +752,8 @@ pub unsafe fn start_aps(
                 cr4: cr4 as u32,
                 efer: efer as u32,
                 reserved: 0,
-                stack_top,
-                cpu_index: index as u64,
+                stack_top: ap.stack_top,
+                cpu_index: ap.index as u64,
                 kernel_entry: config.entry as *const () as u64,
                 ap_entry: ap_entry as *const () as u64,
             })
@@ -657,16 +770,15 @@ pub unsafe fn start_aps(
             apic.send_startup(apic_id, trampoline).map_err(ipi_error)?;
         }
         let timeout_us = u64::from(config.timeout_ms) * 1000;
-        if !wait_until(timeout_us, || block.online.load(Ordering::Acquire)) {
+        if !wait_until(timeout_us, || ap.is_online()) {
             let reached = ApStage::from_marker(stage());
             let _ = apic.send_init(apic_id);
             return Err(SmpError::ApTimeout {
                 apic_id,
                 reached,
-                online,
+                online: ap.online_before,
             });
         }
-        online += 1;
-    }
-    Ok(online)
+        Ok(())
+    })
 }

@@ -161,6 +161,65 @@ pub fn accept_range<T: TdCall + ?Sized>(
     start: Gpa,
     end: Gpa,
 ) -> Result<AcceptStats, AcceptRangeError> {
+    check_range(start, end)?;
+    let mut stats = AcceptStats::default();
+    accept_pieces(tdcall, start, end, &mut stats, None)?;
+    Ok(stats)
+}
+
+/// Counters of one [`accept_ram`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptRamStats {
+    /// What this call accepted, and at which sizes.
+    pub accepted: AcceptStats,
+    /// Bytes the TDX module reported as accepted already (skipped).
+    pub already_accepted_bytes: u64,
+}
+
+impl AcceptRamStats {
+    /// Bytes this call accepted.
+    pub fn accepted_bytes(&self) -> u64 {
+        let s = &self.accepted;
+        [
+            (s.accepted_1g, AcceptSize::Size1G),
+            (s.accepted_2m, AcceptSize::Size2M),
+            (s.accepted_4k, AcceptSize::Size4K),
+        ]
+        .iter()
+        .fold(0u64, |total, (count, size)| {
+            total.saturating_add(count.saturating_mul(size.bytes()))
+        })
+    }
+}
+
+/// Accepts boot RAM `[start, end)` whose state is not known page by page, as [`accept_range`]
+/// does, except that a piece the TDX module answers with ALREADY_ACCEPTED is skipped instead of
+/// ending the walk: at boot that is expected (the launch image, or all of RAM when the VMM
+/// accepted it up front). A 2M or 1G piece answered so is skipped whole: the TDX module gives
+/// ALREADY_ACCEPTED only for a block mapped and accepted at that size (a block with pending 4K
+/// pages inside gets PAGE_SIZE_MISMATCH and is done in smaller pieces).
+///
+/// Only for memory whose every page is either pending or private: a page that was converted to
+/// shared would be answered ALREADY_ACCEPTED too, and skipped.
+pub fn accept_ram<T: TdCall + ?Sized>(
+    tdcall: &T,
+    start: Gpa,
+    end: Gpa,
+) -> Result<AcceptRamStats, AcceptRangeError> {
+    check_range(start, end)?;
+    let mut stats = AcceptRamStats::default();
+    accept_pieces(
+        tdcall,
+        start,
+        end,
+        &mut stats.accepted,
+        Some(&mut stats.already_accepted_bytes),
+    )?;
+    Ok(stats)
+}
+
+/// Both ends 4 KiB aligned and in order.
+fn check_range(start: Gpa, end: Gpa) -> Result<(), AcceptRangeError> {
     let invalid = |cause| {
         Err(AcceptRangeError {
             accepted_up_to: start,
@@ -182,8 +241,18 @@ pub fn accept_range<T: TdCall + ?Sized>(
     if start > end {
         return invalid(AcceptError::InvalidRange { start, end });
     }
+    Ok(())
+}
 
-    let mut stats = AcceptStats::default();
+/// The walk of [`accept_range`] over a checked range. With `already_accepted`, pieces answered
+/// ALREADY_ACCEPTED are skipped and their bytes added there; without, they stop the walk.
+fn accept_pieces<T: TdCall + ?Sized>(
+    tdcall: &T,
+    start: Gpa,
+    end: Gpa,
+    stats: &mut AcceptStats,
+    mut already_accepted: Option<&mut u64>,
+) -> Result<(), AcceptRangeError> {
     let mut cur = start.0;
     // Ends of the blocks refused at 1G (accepted as <= 2M until here) and at 2M (accepted as 4K
     // until here). Both are inside [start, end] because the refused block fitted.
@@ -234,6 +303,13 @@ pub fn accept_range<T: TdCall + ?Sized>(
                 stats.size_mismatch_fallbacks = stats.size_mismatch_fallbacks.saturating_add(1);
                 cap_4k_until = cur + size.bytes();
             }
+            Err(AcceptError::AlreadyAccepted(_)) if already_accepted.is_some() => {
+                busy_in_a_row = 0;
+                if let Some(skipped) = already_accepted.as_deref_mut() {
+                    *skipped = skipped.saturating_add(size.bytes());
+                }
+                cur += size.bytes();
+            }
             Err(cause) => {
                 return Err(AcceptRangeError {
                     accepted_up_to: Gpa(cur),
@@ -242,7 +318,7 @@ pub fn accept_range<T: TdCall + ?Sized>(
             }
         }
     }
-    Ok(stats)
+    Ok(())
 }
 
 impl core::fmt::Display for AcceptError {

@@ -5,6 +5,17 @@ use crate::{leaf, TdCall, TdcallError, TdcallRegs};
 /// VMX basic exit reason of an EPT violation, as latched in [`VeInfo::exit_reason`].
 pub const EXIT_REASON_EPT_VIOLATION: u32 = 48;
 
+/// The CPUID leaf whose subleaf 0 identifies the TDX module to a TD.
+pub const TDX_CPUID_LEAF: u32 = 0x21;
+
+/// Whether CPUID leaf [`TDX_CPUID_LEAF`], subleaf 0, returned the TDX vendor string:
+/// "IntelTDX    " as EBX, EDX, ECX ("Inte", "lTDX", "    "). Outside a TD the leaf returns
+/// anything else (a CPU answers a leaf above its maximum with its highest basic leaf), so this
+/// is how a kernel knows it runs as a TD, with no TDCALL (which would #UD outside one).
+pub fn is_tdx_cpuid_signature(ebx: u32, ecx: u32, edx: u32) -> bool {
+    ebx.to_le_bytes() == *b"Inte" && edx.to_le_bytes() == *b"lTDX" && ecx.to_le_bytes() == *b"    "
+}
+
 /// Smallest and largest GPA width a TD can have (the shared bit is GPAW-1: bit 31..=51).
 const GPAW_MIN: u8 = 32;
 const GPAW_MAX: u8 = 52;

@@ -1,7 +1,8 @@
 //! TDX guest TDCALL layer.
 //!
 //! Typed wrappers for the TDCALL leaves and TDVMCALL sub-functions a TD guest kernel needs
-//! (VP.INFO, VEINFO.GET, MEM.PAGE.ACCEPT, VP.VMCALL with MapGPA and the instruction services).
+//! (VP.INFO, VEINFO.GET, MEM.PAGE.ACCEPT, VP.VMCALL with MapGPA and the instruction services),
+//! and the part of a #VE handler that does an instruction through the VMM ([`ve`]).
 //!
 //! The instruction itself is injected through the [`TdCall`] trait: [`TdcallInstruction`] executes
 //! the real `TDCALL`, and the `sim` module (feature `sim`) provides a fake TDX module + VMM. So
@@ -20,6 +21,7 @@ mod info;
 #[allow(unsafe_code)]
 mod instruction;
 mod map_gpa;
+pub mod ve;
 mod vmcall;
 
 #[cfg(any(test, feature = "sim"))]
@@ -29,10 +31,13 @@ pub mod sim;
 mod tests;
 
 pub use accept::{
-    accept_range, page_accept, AcceptError, AcceptRangeError, AcceptSize, AcceptStats,
-    ACCEPT_BUSY_RETRIES,
+    accept_ram, accept_range, page_accept, AcceptError, AcceptRamStats, AcceptRangeError,
+    AcceptSize, AcceptStats, ACCEPT_BUSY_RETRIES,
 };
-pub use info::{veinfo_get, vp_info, VeInfo, VpInfo, EXIT_REASON_EPT_VIOLATION};
+pub use info::{
+    is_tdx_cpuid_signature, veinfo_get, vp_info, VeInfo, VpInfo, EXIT_REASON_EPT_VIOLATION,
+    TDX_CPUID_LEAF,
+};
 #[cfg(target_arch = "x86_64")]
 pub use instruction::TdcallInstruction;
 pub use map_gpa::{

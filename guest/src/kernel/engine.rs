@@ -3,13 +3,14 @@
 //! shootdown, WBINVD).
 
 use super::memory::{DirectMap, FrameAllocator, FRAMES};
-use super::{shootdown, vmalloc};
+use super::{shootdown, td, vmalloc};
 use bare::println;
 use core::sync::atomic::{AtomicBool, Ordering};
 use pagetable::VirtAddr;
-use pagetable::{PagingMode, PhysAddr};
-use set_memory_enc::platform::NoCc;
-use set_memory_enc::{Converter, Direction, GpaRun, Machine, Platform, Step};
+use pagetable::{CcMask, PagingMode, PhysAddr};
+use set_memory_enc::platform::{NoCc, Tdx, TdxError};
+use set_memory_enc::{Converter, Direction, GpaRun, Machine, NotifyError, Platform, Step};
+use tdx_hypercall::TdcallInstruction;
 
 /// Hooks for this kernel.
 pub struct GuestMachine;
@@ -44,8 +45,60 @@ impl Machine for GuestMachine {
 /// Print each step of conversions while set (for `make run`).
 pub static TRACE: AtomicBool = AtomicBool::new(false);
 
-/// The platform this kernel runs on (an ordinary VM so far).
-pub type GuestPlatform = NoCc;
+/// The platform this kernel runs on, chosen at boot: an ordinary VM or a
+/// TD. One type for both, so the engine and everything that names it is the
+/// same code either way.
+pub enum GuestPlatform {
+    /// An ordinary VM.
+    NoCc(NoCc),
+    /// A TD: MapGPA and ACCEPT, the shared bit from TDG.VP.INFO.
+    Tdx(Tdx<&'static TdcallInstruction>),
+}
+
+impl GuestPlatform {
+    /// The TDX platform in a TD ([`td::enter_if_td`] ran), else `NoCc`.
+    pub fn for_this_machine() -> GuestPlatform {
+        match td::tdcall() {
+            None => GuestPlatform::NoCc(NoCc),
+            Some(tdcall) => match Tdx::new(tdcall) {
+                Ok(tdx) => GuestPlatform::Tdx(tdx),
+                Err(e) => panic!("TDX platform: {e:?}"),
+            },
+        }
+    }
+
+    /// The TDX platform, in a TD.
+    pub fn tdx(&self) -> Option<&Tdx<&'static TdcallInstruction>> {
+        match self {
+            GuestPlatform::NoCc(_) => None,
+            GuestPlatform::Tdx(tdx) => Some(tdx),
+        }
+    }
+}
+
+impl Platform for GuestPlatform {
+    /// `NoCc` cannot fail, so the TDX error serves both.
+    type Error = TdxError;
+
+    fn cc_mask(&self) -> CcMask {
+        match self {
+            GuestPlatform::NoCc(p) => p.cc_mask(),
+            GuestPlatform::Tdx(p) => p.cc_mask(),
+        }
+    }
+    fn needs_cache_flush(&self, direction: Direction) -> bool {
+        match self {
+            GuestPlatform::NoCc(p) => p.needs_cache_flush(direction),
+            GuestPlatform::Tdx(p) => p.needs_cache_flush(direction),
+        }
+    }
+    fn notify(&self, run: &GpaRun, direction: Direction) -> Result<(), NotifyError<TdxError>> {
+        match self {
+            GuestPlatform::NoCc(p) => p.notify(run, direction).map_err(|e| match e.cause {}),
+            GuestPlatform::Tdx(p) => p.notify(run, direction),
+        }
+    }
+}
 
 /// The engine type.
 pub type Engine = Converter<DirectMap, &'static FrameAllocator, GuestMachine, GuestPlatform>;

@@ -1,13 +1,30 @@
 //! Exception handlers. A kernel page fault is fixed up only through the
 //! exception table (load_unaligned_zeropad); anything else unexpected is
 //! fatal, with a report naming the address, RIP and error code.
+//!
+//! In a TD, #VE (vector 20) also comes here. Its handler reads the event
+//! with TDG.VP.VEINFO.GET before anything else (a #VE before that call
+//! becomes a #DF), then does port I/O, CPUID, RDMSR/WRMSR and HLT through
+//! TDVMCALLs (`tdx_hypercall::ve`). An EPT-violation #VE means an access met
+//! a page in the other state (shared bit disagreeing, or a pending page):
+//! with the non-present window that never happens, so each one is a bug. It
+//! is counted ([`EPT_VIOLATION_VE`], which the stress reports) and fatal at
+//! once, never fixed up: the page's state is then unknown, and on real TDX a
+//! private access to a shared page ends the TD anyway. So the legacy-order
+//! negative control ends at its first #VE, which the emulator counts.
 
 use bare::idt::{self, vector, Frame};
+use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+use tdx_hypercall::ve::{emulate_instruction, VeError, VeRegs};
+use tdx_hypercall::{veinfo_get, VeInfo};
 
 /// Faults that were neither expected nor fixed up (each is fatal; counted so
 /// the report can say so).
 pub static UNEXPECTED_FAULTS: AtomicU64 = AtomicU64::new(0);
+/// EPT-violation #VEs taken, all CPUs (each is fatal: at most one per run,
+/// unless CPUs take them at the same time).
+pub static EPT_VIOLATION_VE: AtomicU64 = AtomicU64::new(0);
 
 pub fn install() {
     idt::set_default_handler(unexpected);
@@ -24,13 +41,65 @@ fn page_fault(frame: &mut Frame) {
     if bare::extable::fixup_page_fault(frame, address) {
         return;
     }
-    fatal("page fault", frame, Some(address));
+    fatal("page fault", frame, Some(address), None);
 }
 
 fn virtualization_exception(frame: &mut Frame) {
-    // No platform of this kernel raises #VE yet (the TDX one will read
-    // TDG.VP.VEINFO.GET first); one now means a conversion went wrong.
-    fatal("#VE", frame, None);
+    // Outside a TD nothing raises #VE: one means something is badly wrong.
+    let Some(tdcall) = super::td::tdcall() else {
+        fatal("#VE", frame, None, None);
+    };
+    // First: only after this may the handler raise another #VE.
+    let ve = match veinfo_get(tdcall) {
+        Ok(ve) => ve,
+        Err(e) => fatal(
+            "#VE",
+            frame,
+            None,
+            Some(format_args!("TDG.VP.VEINFO.GET failed: {e}")),
+        ),
+    };
+    let mut regs = VeRegs {
+        rax: frame.rax,
+        rbx: frame.rbx,
+        rcx: frame.rcx,
+        rdx: frame.rdx,
+        rip: frame.rip,
+        rflags: frame.rflags,
+    };
+    match emulate_instruction(tdcall, &ve, &mut regs) {
+        Ok(_) => {
+            frame.rax = regs.rax;
+            frame.rbx = regs.rbx;
+            frame.rcx = regs.rcx;
+            frame.rdx = regs.rdx;
+            frame.rip = regs.rip;
+        }
+        Err(VeError::EptViolation) => ept_violation(frame, &ve),
+        Err(e) => fatal(
+            "#VE",
+            frame,
+            None,
+            Some(format_args!(
+                "{e}: exit reason {}, qualification {:#x}, instruction length {}",
+                ve.exit_reason, ve.exit_qualification, ve.instruction_length
+            )),
+        ),
+    }
+}
+
+fn ept_violation(frame: &Frame, ve: &VeInfo) -> ! {
+    EPT_VIOLATION_VE.fetch_add(1, Ordering::SeqCst);
+    fatal(
+        "EPT-violation #VE",
+        frame,
+        None,
+        Some(format_args!(
+            "GPA {:#x} (linear {:#x}), exit qualification {:#x}: an access met a page in the \
+             other state (shared bit disagreeing, or not accepted)",
+            ve.guest_physical_address, ve.guest_linear_address, ve.exit_qualification
+        )),
+    );
 }
 
 fn unexpected(frame: &mut Frame) {
@@ -42,10 +111,10 @@ fn unexpected(frame: &mut Frame) {
         vector::GENERAL_PROTECTION => "#GP",
         _ => "unexpected interrupt",
     };
-    fatal(name, frame, None);
+    fatal(name, frame, None, None);
 }
 
-fn fatal(what: &str, frame: &Frame, address: Option<u64>) -> ! {
+fn fatal(what: &str, frame: &Frame, address: Option<u64>, detail: Option<fmt::Arguments<'_>>) -> ! {
     UNEXPECTED_FAULTS.fetch_add(1, Ordering::SeqCst);
     let p = bare::serial::print_unlocked;
     p(format_args!(
@@ -61,9 +130,13 @@ fn fatal(what: &str, frame: &Frame, address: Option<u64>) -> ! {
         frame.error_code,
         super::cpu_index()
     ));
+    if let Some(detail) = detail {
+        p(format_args!("  {detail}\n"));
+    }
     p(format_args!(
         "  rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x}\n  rbp {:#x} rsp {:#x} rflags {:#x} cs {:#x} ss {:#x}\n",
         frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp, frame.rsp, frame.rflags, frame.cs, frame.ss
     ));
+    super::td::report_fatal(super::td::fatal_code::EXCEPTION);
     bare::exit::qemu_exit(bare::exit::EXIT_FAILURE)
 }

@@ -5,7 +5,8 @@
 //!   2M block is RAM, 4K leaves at the edges. The engine converts these.
 //! - the kernel image, identity-mapped with 4K leaves: text RX, rodata R,
 //!   data/bss RW (no page is both writable and executable).
-//! - the AP trampoline page and the local APIC, identity-mapped.
+//! - how APs start, identity-mapped: the AP trampoline page and the local
+//!   APIC (INIT-SIPI), or the ACPI wakeup mailbox (a TD, which has neither).
 //! - per-CPU stacks at `STACKS_BASE`, each below an unmapped guard page.
 //! - `VMALLOC_BASE`: second mappings of frames (see `vmalloc`).
 //!
@@ -33,7 +34,7 @@ pub const LAPIC_BASE: u64 = 0xfee0_0000;
 /// The page APs start in (real mode: below 1 MiB).
 pub const TRAMPOLINE_PAGE: u64 = 0x8000;
 /// Frames below this are never handed out (BIOS data, trampoline, boot info).
-const LOW_MEMORY_END: u64 = 0x10_0000;
+pub const LOW_MEMORY_END: u64 = 0x10_0000;
 
 /// Added to a physical address to reach it: 0 while the boot identity map is
 /// live, `DIRECT_MAP_BASE` once our tables are loaded.
@@ -231,8 +232,14 @@ fn global_rw() -> PteFlags {
 }
 
 /// Builds the kernel's tables (while the boot identity map is live) and
-/// returns their root. `ram` lists RAM regions; `cpus` how many stack slots.
-pub fn build_tables(ram: &[RamRegion], cc: CcMask, cpus: usize) -> Result<PhysAddr, TableError> {
+/// returns their root. `ram` lists RAM regions; `cpus` how many stack slots;
+/// `ap_start` says which pages outside RAM the kernel reaches at VA == PA.
+pub fn build_tables(
+    ram: &[RamRegion],
+    cc: CcMask,
+    cpus: usize,
+    ap_start: super::ApStartMethod,
+) -> Result<PhysAddr, TableError> {
     let root = PhysAddr(
         FRAMES
             .allocate_zeroed()
@@ -277,25 +284,25 @@ pub fn build_tables(ram: &[RamRegion], cc: CcMask, cpus: usize) -> Result<PhysAd
         pa += PAGE_SIZE;
     }
 
-    // The AP trampoline executes here with our CR3 loaded.
-    let trampoline = PteFlags::PRESENT | PteFlags::WRITABLE;
-    tables.map_leaf(
-        VirtAddr(TRAMPOLINE_PAGE),
-        PhysAddr(TRAMPOLINE_PAGE),
-        Level::Pt,
-        trampoline,
-        false,
-        &FRAMES,
-    )?;
-    let mmio = global_rw() | PteFlags::NO_CACHE | PteFlags::WRITE_THROUGH;
-    tables.map_leaf(
-        VirtAddr(LAPIC_BASE),
-        PhysAddr(LAPIC_BASE),
-        Level::Pt,
-        mmio,
-        false,
-        &FRAMES,
-    )?;
+    let identity = |pa: u64, flags: PteFlags| {
+        tables.map_leaf(VirtAddr(pa), PhysAddr(pa), Level::Pt, flags, false, &FRAMES)
+    };
+    match ap_start {
+        super::ApStartMethod::InitSipi => {
+            // The AP trampoline executes here with our CR3 loaded.
+            identity(TRAMPOLINE_PAGE, PteFlags::PRESENT | PteFlags::WRITABLE)?;
+            let mmio = global_rw() | PteFlags::NO_CACHE | PteFlags::WRITE_THROUGH;
+            identity(LAPIC_BASE, mmio)?;
+        }
+        // A TD has no xAPIC page and no real mode: only the mailbox, which
+        // is private firmware memory (ordinary write-back, like RAM).
+        super::ApStartMethod::WakeupMailbox {
+            mailbox: Some(page),
+        } => {
+            identity(page, global_rw())?;
+        }
+        super::ApStartMethod::WakeupMailbox { mailbox: None } => {}
+    }
 
     for cpu in 0..cpus as u64 {
         for (offset, size) in stack_layout() {

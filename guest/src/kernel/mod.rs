@@ -1,5 +1,12 @@
 //! Boot, memory, exceptions, SMP, then the tests, reported on the serial
 //! console for the host harness.
+//!
+//! The same kernel runs as an ordinary VM or as an Intel TDX guest (a TD),
+//! decided at boot by CPUID leaf 0x21. In a TD it installs the #VE handler
+//! before anything that could raise one (the console's port I/O, in the
+//! emulator's strict mode), accepts RAM before touching it, uses the x2APIC
+//! only and no PIT, and starts APs through the ACPI wakeup mailbox instead of
+//! INIT-SIPI-SIPI.
 
 mod engine;
 mod faults;
@@ -7,6 +14,7 @@ mod memory;
 pub mod report;
 mod shootdown;
 mod stress;
+mod td;
 mod tests;
 mod vmalloc;
 
@@ -37,6 +45,32 @@ impl PhysRead for IdentityMap {
     fn read_u64(&self, pa: u64) -> u64 {
         // SAFETY: as read_u32.
         unsafe { core::ptr::read_unaligned(pa as *const u64) }
+    }
+}
+
+/// How the APs of this machine start; build_tables maps what it needs.
+#[derive(Clone, Copy, Debug)]
+pub enum ApStartMethod {
+    /// INIT-SIPI-SIPI with the real-mode trampoline (xAPIC or x2APIC).
+    InitSipi,
+    /// The ACPI wakeup mailbox (physical page, if the MADT has one): a TD.
+    WakeupMailbox { mailbox: Option<u64> },
+}
+
+static AP_START: spin::Once<ApStartMethod> = spin::Once::new();
+/// How long, at least, a TD waits for the firmware to take a wakeup and
+/// for the AP to come up (TSC-timed, see `bare::tsc`).
+const TD_AP_TIMEOUT_US: u64 = 5_000_000;
+/// What the command line asks of the stress (checked at boot).
+static STRESS_SETTINGS: spin::Once<stress::Settings> = spin::Once::new();
+
+/// Polls `condition` for at least `timeout_us`: on the PIT as always, or in
+/// a TD, which has no PIT, on the TSC.
+fn wait_until(timeout_us: u64, condition: impl FnMut() -> bool) -> bool {
+    if td::active() {
+        bare::tsc::wait_until(timeout_us, condition)
+    } else {
+        bare::smp::wait_until(timeout_us, condition)
     }
 }
 
@@ -79,7 +113,24 @@ fn wake_interrupt(_frame: &mut bare::idt::Frame) {
 
 #[no_mangle]
 extern "C" fn bare_main(start_info: u64) -> ! {
+    // In a TD (strict mode) even the console's port I/O raises #VE: detect a
+    // TD with the one CPUID leaf that never does, and have the handlers in
+    // place before anything else runs. Harmless outside a TD.
+    let tdcall = td::enter_if_td();
+    faults::install();
+    bare::idt::load();
     println!("guest: booted (PVH), start info at {start_info:#x}");
+    if let Some(tdcall) = tdcall {
+        let info = match tdx_hypercall::vp_info(tdcall) {
+            Ok(info) => info,
+            Err(e) => panic!("TDG.VP.INFO: {e}"),
+        };
+        println!("guest: running as a TD, GPAW {}", info.gpaw);
+        println!(
+            "guest: TD vCPU {} of {} (at most {})",
+            info.vcpu_index, info.num_vcpus, info.max_vcpus
+        );
+    }
     let info = match BootInfo::parse(&IdentityMap, start_info) {
         Ok(info) => info,
         Err(e) => panic!("bad PVH start info: {e:?}"),
@@ -95,6 +146,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
     }
     let ram = &ram[..count];
     COMMAND_LINE.call_once(|| read_command_line(info.cmdline));
+    STRESS_SETTINGS.call_once(|| stress::Settings::from_command_line(command_line()));
     let total: u64 = ram.iter().map(|r| r.end - r.start).sum();
     println!("guest: {} MiB of RAM in {} regions", total >> 20, ram.len());
 
@@ -108,6 +160,14 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         "RAM too small for the test area"
     );
     TEST_AREA.call_once(|| (area_start, area_end));
+    if let Some(tdcall) = tdcall {
+        // Before the frame allocator hands out (and zeroes) anything.
+        let accepted = td::accept_boot_ram(tdcall, ram);
+        println!(
+            "guest: accepted {} pages of RAM ({} were accepted already)",
+            accepted.accepted, accepted.already_accepted
+        );
+    }
 
     let (kernel_start, kernel_end) = memory::kernel_image();
     for region in ram {
@@ -128,15 +188,26 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         let count = madt.enabled_apic_ids_into(&mut ids);
         (ids, count)
     });
-    let platform = set_memory_enc::platform::NoCc;
+    let ap_start = *AP_START.call_once(|| {
+        if tdcall.is_none() {
+            return ApStartMethod::InitSipi;
+        }
+        let mailbox = madt.wakeup_mailbox.map(|m| m.address);
+        if let Some(page) = mailbox.filter(|page| page & 0xfff != 0) {
+            panic!("the MADT's wakeup mailbox at {page:#x} is not 4 KiB-aligned");
+        }
+        ApStartMethod::WakeupMailbox { mailbox }
+    });
+    let platform = engine::GuestPlatform::for_this_machine();
     let cc = set_memory_enc::Platform::cc_mask(&platform);
-    let root = match memory::build_tables(ram, cc, *cpus) {
+    let root = match memory::build_tables(ram, cc, *cpus, ap_start) {
         Ok(root) => root,
         Err(e) => panic!("building page tables: {e:?}"),
     };
     // SAFETY: `root` comes from build_tables, which maps the kernel image
     // (this code, the boot stack) identically.
     unsafe { memory::switch_to(root) };
+    engine::init(root, platform);
     println!(
         "guest: own page tables at {:#x}: direct map at {:#x}, {} frames used",
         root.0,
@@ -158,18 +229,23 @@ extern "C" fn bsp_main() -> ! {
     if let Err(e) = bare::smp::init_bsp() {
         panic!("init_bsp: {e:?}");
     }
-    faults::install();
     bare::idt::set_handler(shootdown::SHOOTDOWN_VECTOR, shootdown::handle_ipi);
     bare::idt::set_handler(SPURIOUS_VECTOR, spurious_interrupt);
     bare::idt::set_handler(WAKE_VECTOR, wake_interrupt);
     bare::idt::load();
-    // SAFETY: ports 0x21/0xa1 mask the 8259s: legacy IRQs stay off.
-    unsafe {
-        bare::cpu::outb(0x21, 0xff);
-        bare::cpu::outb(0xa1, 0xff);
-    }
-    // SAFETY: build_tables identity-maps the APIC page uncached.
-    let apic = match unsafe { Apic::new(memory::LAPIC_BASE as usize, true) } {
+    let apic = if td::active() {
+        // A TD has no 8259s to mask and no xAPIC page: x2APIC or nothing.
+        Apic::x2apic_only()
+    } else {
+        // SAFETY: ports 0x21/0xa1 mask the 8259s: legacy IRQs stay off.
+        unsafe {
+            bare::cpu::outb(0x21, 0xff);
+            bare::cpu::outb(0xa1, 0xff);
+        }
+        // SAFETY: build_tables identity-maps the APIC page uncached.
+        unsafe { Apic::new(memory::LAPIC_BASE as usize, true) }
+    };
+    let apic = match apic {
         Ok(apic) => APIC.call_once(|| apic),
         Err(e) => panic!("APIC: {e:?}"),
     };
@@ -178,27 +254,18 @@ extern "C" fn bsp_main() -> ! {
     }
     shootdown::cpu_online(0);
     let (apic_ids, cpus) = CPU_APIC_IDS.get().expect("read at boot");
-    let config = bare::smp::ApStartConfig {
-        trampoline_physical: memory::TRAMPOLINE_PAGE,
-        trampoline_virtual: memory::phys_to_virt(memory::TRAMPOLINE_PAGE) as *mut u8,
-        cr3: bare::cpu::read_cr3(),
-        entry: ap_main,
-        stack_top_for: &|cpu| memory::stack_tops(cpu).0,
-        timeout_ms: bare::smp::DEFAULT_AP_TIMEOUT_MS,
+    let apic_ids = &apic_ids[..*cpus];
+    let started = match *AP_START.get().expect("chosen at boot") {
+        ApStartMethod::InitSipi => start_aps_with_init_sipi(apic, apic_ids),
+        ApStartMethod::WakeupMailbox { mailbox } => start_aps_with_mailbox(apic, apic_ids, mailbox),
     };
-    // SAFETY: build_tables identity-maps the trampoline page (executable)
-    // and the image, maps a stack slot per CPU of the MADT, and the root was
-    // the first frame allocated (below 4 GiB); frames below 1 MiB are never
-    // handed out, so the trampoline page is free.
-    let online = match unsafe { bare::smp::start_aps(apic, &apic_ids[..*cpus], &config) } {
+    let online = match started {
         Ok(online) => online,
         Err(e) => panic!("starting APs: {e:?}"),
     };
     let all_taking_shootdowns =
-        bare::smp::wait_until(1_000_000, || shootdown::online_count() as usize == online);
+        wait_until(1_000_000, || shootdown::online_count() as usize == online);
     assert!(all_taking_shootdowns, "APs did not get ready");
-    let root = pagetable::PhysAddr(bare::cpu::read_cr3() & !0xfff);
-    engine::init(root, set_memory_enc::platform::NoCc);
     println!("guest: {} CPU(s) online", shootdown::online_count());
 
     match command_line()
@@ -217,13 +284,88 @@ extern "C" fn bsp_main() -> ! {
         report::run(name, *test);
     }
     let stress_page = test_area().0 + (TEST_AREA_BLOCKS - 1) * (2 << 20);
-    let stress_ok = stress::run(online, stress_page, || send_ipi_to_others(WAKE_VECTOR));
+    let settings = *STRESS_SETTINGS.get().expect("read at boot");
+    let stress_ok = stress::run(online, stress_page, settings, || {
+        send_ipi_to_others(WAKE_VECTOR)
+    });
+    report_tdx_counters();
     let ok = report::summary() && stress_ok;
     bare::exit::qemu_exit(if ok {
         bare::exit::EXIT_SUCCESS
     } else {
         bare::exit::EXIT_FAILURE
     })
+}
+
+/// INIT-SIPI-SIPI through the real-mode trampoline (an ordinary VM).
+fn start_aps_with_init_sipi(apic: &Apic, apic_ids: &[u32]) -> Result<usize, bare::smp::SmpError> {
+    let config = bare::smp::ApStartConfig {
+        trampoline_physical: memory::TRAMPOLINE_PAGE,
+        trampoline_virtual: memory::phys_to_virt(memory::TRAMPOLINE_PAGE) as *mut u8,
+        cr3: bare::cpu::read_cr3(),
+        entry: ap_main,
+        stack_top_for: &|cpu| memory::stack_tops(cpu).0,
+        timeout_ms: bare::smp::DEFAULT_AP_TIMEOUT_MS,
+    };
+    // SAFETY: build_tables identity-maps the trampoline page (executable)
+    // and the image, maps a stack slot per CPU of the MADT, and the root was
+    // the first frame allocated (below 4 GiB); frames below 1 MiB are never
+    // handed out, so the trampoline page is free.
+    unsafe { bare::smp::start_aps(apic, apic_ids, &config) }
+}
+
+/// The ACPI wakeup mailbox (a TD): no INIT, no real mode, no PIT.
+fn start_aps_with_mailbox(
+    apic: &Apic,
+    apic_ids: &[u32],
+    mailbox: Option<u64>,
+) -> Result<usize, bare::smp::SmpError> {
+    let bsp_apic_id = apic.id();
+    if apic_ids.iter().all(|&id| id == bsp_apic_id) {
+        return Ok(1);
+    }
+    let Some(mailbox) = mailbox else {
+        panic!("a TD starts its APs through the MADT's wakeup mailbox, and the MADT has none");
+    };
+    // SAFETY: build_tables identity-maps the mailbox page (4 KiB-aligned,
+    // checked at boot) writable for the whole run, and only this code
+    // posts commands to it.
+    let mailbox = unsafe { bare::mpwakeup::Mailbox::at(mailbox as usize) };
+    let config = bare::mpwakeup::WakeupConfig {
+        cr3: bare::cpu::read_cr3(),
+        entry: ap_main,
+        stack_top_for: &|cpu| memory::stack_tops(cpu).0,
+        timeout_us: TD_AP_TIMEOUT_US,
+    };
+    // SAFETY: the kernel is linked and loaded at the same addresses below
+    // 4 GiB and build_tables identity-maps it (so the firmware's identity
+    // map and ours agree on the wakeup vector, the parameter block, the
+    // early stack, the IDT and its handlers); it maps a stack slot per CPU of
+    // the MADT; the IDT is loaded with the #VE handler in place.
+    unsafe { bare::mpwakeup::start_aps(mailbox, bsp_apic_id, apic_ids, &config) }
+}
+
+/// In a TD, the totals of what this kernel asked of the TDX module (boot
+/// acceptance and every conversion), in the emulator's `TDXEMU` names so
+/// the two can be compared: a second `STRESS` line.
+fn report_tdx_counters() {
+    let Some(tdx) = engine::engine().platform().tdx() else {
+        return;
+    };
+    let sent = tdx.counters();
+    let boot = td::boot_accepts();
+    let load = |counter: &core::sync::atomic::AtomicU64| {
+        counter.load(core::sync::atomic::Ordering::SeqCst)
+    };
+    println!(
+        "STRESS map_gpa_calls={} map_gpa_retries={} accept_4k={} accept_2m={} accept_1g={} accept_size_mismatch={}",
+        load(&sent.map_gpa_calls),
+        load(&sent.map_gpa_retries),
+        boot.accepted_4k + load(&sent.accepted[0]),
+        boot.accepted_2m + load(&sent.accepted[1]),
+        boot.accepted_1g + load(&sent.accepted[2]),
+        boot.size_mismatch_fallbacks + load(&sent.size_fallbacks),
+    );
 }
 
 /// Shows the seven steps once, on a test-area page.
@@ -333,5 +475,6 @@ unsafe fn run_on_stack(stack: u64, entry: extern "C" fn() -> !) -> ! {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     bare::serial::print_unlocked(format_args!("\nPANIC: {info}\n"));
+    td::report_fatal(td::fatal_code::PANIC);
     bare::exit::qemu_exit(bare::exit::EXIT_FAILURE)
 }

@@ -1,6 +1,7 @@
 //! The serial protocol the host harness parses:
 //! `PLAN <n>`, then one `TEST <name> ok` or `TEST <name> FAILED: <why>` each,
-//! `STRESS ...` counters, `SUMMARY passed=<n> failed=<n>`.
+//! `STRESS ...` counters (in a TD a second `STRESS` line with the TDCALL
+//! totals), `SUMMARY passed=<n> failed=<n>`.
 
 use bare::println;
 use core::fmt;

@@ -1,8 +1,8 @@
 use super::{GIB, KIB4, MIB};
 use crate::sim::{Call, FakeTdxModule, PageState};
 use crate::{
-    accept_range, page_accept, AcceptError, AcceptRangeError, AcceptSize, AcceptStats, Gpa,
-    ACCEPT_BUSY_RETRIES,
+    accept_ram, accept_range, page_accept, AcceptError, AcceptRamStats, AcceptRangeError,
+    AcceptSize, AcceptStats, Gpa, ACCEPT_BUSY_RETRIES,
 };
 
 const BUSY: u64 = 0x8000_0200_0000_0000;
@@ -433,4 +433,89 @@ fn busy_counter_resets_after_each_success() {
     assert_eq!(stats.busy_retries, 20);
     assert_eq!(stats.accepted_4k, 2);
     assert_eq!(f.calls().len(), 22);
+}
+
+#[test]
+fn accept_ram_skips_ram_that_is_all_accepted_already() {
+    // "Lazy" boot: the VMM accepted everything; 2M answers skip whole blocks.
+    let f = FakeTdxModule::new(48, 8 * MIB);
+    let stats = accept_ram(&f, Gpa(MIB), Gpa(8 * MIB)).unwrap();
+    assert_eq!(
+        stats,
+        AcceptRamStats {
+            accepted: AcceptStats::default(),
+            already_accepted_bytes: 7 * MIB,
+        }
+    );
+    assert_eq!(stats.accepted_bytes(), 0);
+    let mut want: Vec<_> = (0..256)
+        .map(|i| (MIB + i * KIB4, AcceptSize::Size4K))
+        .collect();
+    want.extend((1..4).map(|i| (2 * i * MIB, AcceptSize::Size2M)));
+    assert_eq!(accepts(&f), want);
+}
+
+#[test]
+fn accept_ram_accepts_around_a_launch_image_accepted_in_4k_pages() {
+    // "Strict" boot: RAM from 1M pending except a launch image of 300 KiB at 1M.
+    let image_end = MIB + 75 * KIB4;
+    let f = pending(8 * MIB, MIB, 8 * MIB);
+    f.set_state(Gpa(MIB)..Gpa(image_end), PageState::Private);
+    let stats = accept_ram(&f, Gpa(MIB), Gpa(8 * MIB)).unwrap();
+    assert_eq!(stats.already_accepted_bytes, image_end - MIB);
+    assert_eq!(stats.accepted_bytes(), 8 * MIB - image_end);
+    assert_eq!(
+        stats.accepted,
+        AcceptStats {
+            accepted_2m: 3,
+            accepted_4k: 256 - 75,
+            ..AcceptStats::default()
+        }
+    );
+    assert!(f.all_in_state(Gpa(MIB)..Gpa(8 * MIB), PageState::Private));
+}
+
+#[test]
+fn accept_ram_falls_back_inside_a_partly_accepted_2m_block() {
+    // One private page in the middle of an otherwise pending 2M block.
+    let f = pending(4 * MIB, 0, 4 * MIB);
+    f.set_state(
+        Gpa(2 * MIB + 7 * KIB4)..Gpa(2 * MIB + 8 * KIB4),
+        PageState::Private,
+    );
+    let stats = accept_ram(&f, Gpa(0), Gpa(4 * MIB)).unwrap();
+    assert_eq!(stats.already_accepted_bytes, KIB4);
+    assert_eq!(
+        stats.accepted,
+        AcceptStats {
+            accepted_2m: 1,
+            accepted_4k: 511,
+            size_mismatch_fallbacks: 1,
+            ..AcceptStats::default()
+        }
+    );
+    assert!(f.all_in_state(Gpa(0)..Gpa(4 * MIB), PageState::Private));
+}
+
+#[test]
+fn accept_ram_still_stops_at_other_errors() {
+    // The first block is accepted already (skipped), the second fails.
+    let f = pending(4 * MIB, 2 * MIB, 4 * MIB);
+    f.fail_accept_at(Gpa(2 * MIB + 3 * KIB4), 0xC000_0100_0000_0000);
+    let e = accept_ram(&f, Gpa(0), Gpa(4 * MIB)).unwrap_err();
+    assert_eq!(
+        e,
+        AcceptRangeError {
+            accepted_up_to: Gpa(2 * MIB),
+            cause: AcceptError::Other(0xC000_0100_0000_0000)
+        }
+    );
+    assert_eq!(f.state(Gpa(2 * MIB)), PageState::Pending);
+    assert_eq!(
+        accept_ram(&f, Gpa(KIB4), Gpa(0)).unwrap_err().cause,
+        AcceptError::InvalidRange {
+            start: Gpa(KIB4),
+            end: Gpa(0)
+        }
+    );
 }

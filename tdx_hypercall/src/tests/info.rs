@@ -1,6 +1,6 @@
 use super::FnTdCall;
 use crate::sim::{Call, FakeTdxModule};
-use crate::{veinfo_get, vp_info, TdcallError, TdcallRegs, VeInfo, VpInfo};
+use crate::{is_tdx_cpuid_signature, veinfo_get, vp_info, TdcallError, TdcallRegs, VeInfo, VpInfo};
 
 #[test]
 fn vp_info_gpaw_48() {
@@ -136,4 +136,23 @@ fn veinfo_get_splits_r10() {
         veinfo_get(&f),
         Err(TdcallError::Status(0xC000_0B07_0000_0000))
     );
+}
+
+/// EBX, ECX, EDX as CPUID returns them for `text` in EBX:EDX:ECX order.
+fn signature_registers(text: &[u8; 12]) -> (u32, u32, u32) {
+    let word = |i: usize| u32::from_le_bytes([text[i], text[i + 1], text[i + 2], text[i + 3]]);
+    (word(0), word(8), word(4))
+}
+
+#[test]
+fn tdx_cpuid_signature_is_intel_tdx_in_ebx_edx_ecx_order() {
+    let (ebx, ecx, edx) = signature_registers(b"IntelTDX    ");
+    assert!(is_tdx_cpuid_signature(ebx, ecx, edx));
+    // The same words in CPUID vendor order (EBX:ECX:EDX) are not it.
+    assert!(!is_tdx_cpuid_signature(ebx, edx, ecx));
+    // What a non-TD CPU may answer: zeros, another leaf's data, a near miss.
+    assert!(!is_tdx_cpuid_signature(0, 0, 0));
+    assert!(!is_tdx_cpuid_signature(0x0000_0340, 0, 0x0000_0001));
+    let (ebx, ecx, edx) = signature_registers(b"IntelTDX   \0");
+    assert!(!is_tdx_cpuid_signature(ebx, ecx, edx));
 }

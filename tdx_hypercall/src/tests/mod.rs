@@ -4,6 +4,7 @@ mod accept;
 mod info;
 mod map_gpa;
 mod regs;
+mod ve;
 mod vmcall;
 
 use crate::{TdCall, TdcallRegs};

@@ -67,6 +67,7 @@ fn boots_and_passes(cpus: u32) {
             stress("unexpected_faults") == Some(0),
         ),
         ("wrong bytes == 0", stress("wrong_bytes") == Some(0)),
+        ("EPT-violation #VEs == 0", stress("ve") == Some(0)),
     ];
     for (what, ok) in checks {
         if !ok {
@@ -122,5 +123,28 @@ fn stack_overflow_hits_the_guard_page_and_double_faults() {
     let crash = report.crash.clone().unwrap_or_default();
     if run.exit_code != Some(EXIT_FAIL) || !crash.contains("#DF") {
         fail_with_log(&run, "expected a #DF report and exit status 35");
+    }
+}
+
+/// The negative control's switch: a guest built without the
+/// `negative-control` feature (as the harness builds it) refuses
+/// `order=legacy` loudly instead of running the seven steps under that name.
+#[test]
+fn legacy_order_is_refused_without_the_negative_control_feature() {
+    let (run, report) = boot(1, Some("order=legacy"));
+    let refused = run.exit_code == Some(EXIT_FAIL)
+        && report
+            .crash
+            .as_deref()
+            .is_some_and(|c| c.starts_with("PANIC"))
+        && run
+            .log
+            .contains("order=legacy needs a guest built with --features negative-control")
+        && report.stress.is_empty();
+    if !refused {
+        fail_with_log(
+            &run,
+            "expected a panic refusing order=legacy, before the stress, and exit status 35",
+        );
     }
 }
