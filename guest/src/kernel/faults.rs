@@ -15,7 +15,7 @@
 
 use bare::idt::{self, vector, Frame};
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tdx_hypercall::ve::{emulate_instruction, VeError, VeRegs};
 use tdx_hypercall::{veinfo_get, VeInfo};
 
@@ -25,6 +25,9 @@ pub static UNEXPECTED_FAULTS: AtomicU64 = AtomicU64::new(0);
 /// EPT-violation #VEs taken, all CPUs (each is fatal: at most one per run,
 /// unless CPUs take them at the same time).
 pub static EPT_VIOLATION_VE: AtomicU64 = AtomicU64::new(0);
+/// The CPU reporting a fatal error ([`NO_CPU`]: none yet).
+static REPORTING_CPU: AtomicUsize = AtomicUsize::new(NO_CPU);
+const NO_CPU: usize = usize::MAX;
 
 pub fn install() {
     idt::set_default_handler(unexpected);
@@ -116,6 +119,18 @@ fn unexpected(frame: &mut Frame) {
 
 fn fatal(what: &str, frame: &Frame, address: Option<u64>, detail: Option<fmt::Arguments<'_>>) -> ! {
     UNEXPECTED_FAULTS.fetch_add(1, Ordering::SeqCst);
+    // One report: a CPU failing while another reports (several loaders can
+    // take the same #VE at once) stops quietly instead of interleaving its
+    // lines. The reporter itself may fail again while reporting, and then
+    // says so too.
+    let me = super::cpu_index();
+    if let Err(reporter) =
+        REPORTING_CPU.compare_exchange(NO_CPU, me, Ordering::SeqCst, Ordering::SeqCst)
+    {
+        if reporter != me {
+            bare::cpu::halt_forever();
+        }
+    }
     let p = bare::serial::print_unlocked;
     p(format_args!(
         "\nFATAL: kernel {what} (vector {})",
@@ -126,9 +141,7 @@ fn fatal(what: &str, frame: &Frame, address: Option<u64>, detail: Option<fmt::Ar
     }
     p(format_args!(
         ", RIP {:#x}, error code {:#x}, CPU {}\n",
-        frame.rip,
-        frame.error_code,
-        super::cpu_index()
+        frame.rip, frame.error_code, me
     ));
     if let Some(detail) = detail {
         p(format_args!("  {detail}\n"));
