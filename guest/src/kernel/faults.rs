@@ -25,6 +25,9 @@ pub static UNEXPECTED_FAULTS: AtomicU64 = AtomicU64::new(0);
 /// EPT-violation #VEs taken, all CPUs (each is fatal: at most one per run,
 /// unless CPUs take them at the same time).
 pub static EPT_VIOLATION_VE: AtomicU64 = AtomicU64::new(0);
+/// Every #VE taken, all CPUs and exit reasons (the stress reports how many
+/// arrived while it ran: in a TD it must be none).
+pub static VE_TAKEN: AtomicU64 = AtomicU64::new(0);
 /// The CPU reporting a fatal error ([`NO_CPU`]: none yet).
 static REPORTING_CPU: AtomicUsize = AtomicUsize::new(NO_CPU);
 const NO_CPU: usize = usize::MAX;
@@ -62,6 +65,7 @@ fn virtualization_exception(frame: &mut Frame) {
             Some(format_args!("TDG.VP.VEINFO.GET failed: {e}")),
         ),
     };
+    VE_TAKEN.fetch_add(1, Ordering::Relaxed);
     let mut regs = VeRegs {
         rax: frame.rax,
         rbx: frame.rbx,

@@ -94,6 +94,7 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
         let ok = stress("conversions") == Some(2 * u64::from(TD_STRESS_ROUNDS))
             && stress("fixups").is_some_and(|n| n > 0)
             && stress("ve") == Some(0)
+            && stress("ve_any") == Some(0)
             && stress("wrong_bytes") == Some(0)
             && stress("unexpected_faults") == Some(0);
         if !ok {
