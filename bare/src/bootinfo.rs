@@ -17,6 +17,25 @@ pub trait PhysRead {
     fn read_u64(&self, pa: u64) -> u64;
 }
 
+/// Physical memory read through the boot identity map (the low 4 GiB, as
+/// the PVH entry maps it), where QEMU puts the start info, the memory map
+/// and the ACPI tables.
+#[cfg(target_os = "none")]
+pub struct IdentityMapped;
+
+#[cfg(target_os = "none")]
+impl PhysRead for IdentityMapped {
+    fn read_u32(&self, pa: u64) -> u32 {
+        // SAFETY: used only while the boot identity map is live, for
+        // structures the loader placed in RAM below 4 GiB.
+        unsafe { core::ptr::read_unaligned(pa as *const u32) }
+    }
+    fn read_u64(&self, pa: u64) -> u64 {
+        // SAFETY: as read_u32.
+        unsafe { core::ptr::read_unaligned(pa as *const u64) }
+    }
+}
+
 /// One memory-map entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Region {

@@ -1,6 +1,8 @@
 //! Per-4K page state, TDCALL semantics, #VE decisions and counters.
 
 use core::sync::atomic::{AtomicU64, Ordering};
+pub use tdx_hypercall::ve::exit_reason;
+pub use tdx_hypercall::VeInfo;
 use tdx_hypercall::{leaf, status, subfn, TdcallRegs};
 
 /// State of one 4K page of TD memory.
@@ -51,27 +53,6 @@ pub struct Options {
     pub map_gpa_retry_every_page: bool,
     /// ACCEPT at 2M/1G answers PAGE_SIZE_MISMATCH.
     pub refuse_large_accept: bool,
-}
-
-/// TDG.VP.VEINFO.GET contents.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct VeInfo {
-    pub exit_reason: u32,
-    pub exit_qualification: u64,
-    pub guest_linear_address: u64,
-    pub guest_physical_address: u64,
-    pub instruction_length: u32,
-    pub instruction_info: u32,
-}
-
-/// VMX exit reasons the model reports in #VE info.
-pub mod exit_reason {
-    pub const CPUID: u32 = 10;
-    pub const HLT: u32 = 12;
-    pub const IO: u32 = 30;
-    pub const RDMSR: u32 = 31;
-    pub const WRMSR: u32 = 32;
-    pub const EPT_VIOLATION: u32 = 48;
 }
 
 /// Counters the harness reads at the end of a run.

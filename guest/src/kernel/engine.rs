@@ -2,7 +2,7 @@
 //! allocator, and hooks that do the real thing (vmalloc purge, IPI TLB
 //! shootdown, WBINVD).
 
-use super::memory::{DirectMap, FrameAllocator, FRAMES};
+use super::memory::{DirectMap, FrameAllocator, DIRECT_MAP, FRAMES};
 use super::{shootdown, td, vmalloc};
 use bare::println;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -109,7 +109,7 @@ static ENGINE: spin::Once<Engine> = spin::Once::new();
 pub fn init(root: PhysAddr, platform: GuestPlatform) -> &'static Engine {
     ENGINE.call_once(|| {
         Converter::new(
-            DirectMap,
+            DIRECT_MAP,
             root,
             PagingMode::FourLevel,
             &FRAMES,

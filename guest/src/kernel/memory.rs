@@ -15,7 +15,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 use pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, TableError,
-    TableMemory, VirtAddr, PAGE_SIZE,
+    VirtAddr, PAGE_SIZE,
 };
 use spin::Mutex;
 
@@ -45,39 +45,11 @@ pub fn phys_to_virt(pa: u64) -> u64 {
     pa + PHYS_OFFSET.load(Ordering::Relaxed)
 }
 
-/// Page-table memory through the direct map (or the boot identity map).
-#[derive(Clone, Copy, Default)]
-pub struct DirectMap;
-
-impl DirectMap {
-    fn entry(table: PhysAddr, index: usize) -> &'static AtomicU64 {
-        let address = phys_to_virt(table.0) + (index as u64 & 511) * 8;
-        // SAFETY: `table` is a page-table frame (the root, or a table pointer
-        // read from or written to our tables), it is RAM, and all RAM is
-        // mapped at `phys_to_virt` for the life of the kernel. Entries are
-        // 8-byte aligned and only ever accessed atomically, by us and by the
-        // CPU's page walker.
-        unsafe { AtomicU64::from_ptr(address as *mut u64) }
-    }
-}
-
-impl TableMemory for DirectMap {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
-        Self::entry(table, index).load(Ordering::SeqCst)
-    }
-    fn compare_exchange(
-        &self,
-        table: PhysAddr,
-        index: usize,
-        current: u64,
-        new: u64,
-    ) -> Result<u64, u64> {
-        Self::entry(table, index).compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
-    }
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
-        Self::entry(table, index).store(value, Ordering::SeqCst)
-    }
-}
+/// Page-table memory through the direct map (or, before it exists, the
+/// boot identity map): `PHYS_OFFSET` says which.
+pub type DirectMap = bare::physmem::MappedTables;
+/// The kernel's page-table memory.
+pub const DIRECT_MAP: DirectMap = DirectMap::new(&PHYS_OFFSET);
 
 /// Usable RAM, as the boot memory map says.
 #[derive(Clone, Copy)]
@@ -245,7 +217,7 @@ pub fn build_tables(
             .allocate_zeroed()
             .ok_or(TableError::OutOfTableMemory)?,
     );
-    let tables = PageTables::new(DirectMap, root, PagingMode::FourLevel, cc);
+    let tables = PageTables::new(DIRECT_MAP, root, PagingMode::FourLevel, cc);
     let mib2 = Level::Pd.entry_span();
 
     for region in ram {
@@ -367,7 +339,7 @@ pub unsafe fn switch_to(root: PhysAddr) {
 /// The kernel's tables, after the switch.
 pub fn kernel_tables(cc: CcMask) -> KernelTables {
     PageTables::new(
-        DirectMap,
+        DIRECT_MAP,
         PhysAddr(bare::cpu::read_cr3() & !0xfff),
         PagingMode::FourLevel,
         cc,

@@ -19,7 +19,7 @@ mod tests;
 mod vmalloc;
 
 use bare::apic::Apic;
-use bare::bootinfo::{BootInfo, PhysRead};
+use bare::bootinfo::BootInfo;
 use bare::println;
 use memory::{RamRegion, FRAMES};
 
@@ -31,21 +31,6 @@ static TEST_AREA: spin::Once<(u64, u64)> = spin::Once::new();
 /// `[start, end)` physical of the test area.
 pub fn test_area() -> (u64, u64) {
     *TEST_AREA.get().expect("test area chosen at boot")
-}
-
-/// Reads the boot info through the identity map the PVH entry built.
-struct IdentityMap;
-
-impl PhysRead for IdentityMap {
-    fn read_u32(&self, pa: u64) -> u32 {
-        // SAFETY: only called before our tables are loaded, while the boot
-        // identity map covers the low 4 GiB, for structures QEMU placed there.
-        unsafe { core::ptr::read_unaligned(pa as *const u32) }
-    }
-    fn read_u64(&self, pa: u64) -> u64 {
-        // SAFETY: as read_u32.
-        unsafe { core::ptr::read_unaligned(pa as *const u64) }
-    }
 }
 
 /// How the APs of this machine start; build_tables maps what it needs.
@@ -131,7 +116,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
             info.vcpu_index, info.num_vcpus, info.max_vcpus
         );
     }
-    let info = match BootInfo::parse(&IdentityMap, start_info) {
+    let info = match BootInfo::parse(&bare::bootinfo::IdentityMapped, start_info) {
         Ok(info) => info,
         Err(e) => panic!("bad PVH start info: {e:?}"),
     };
@@ -179,7 +164,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         };
         FRAMES.add_ram(region.start, end, kernel_start, kernel_end);
     }
-    let madt = match bare::acpi::parse_madt(&IdentityMap, info.rsdp) {
+    let madt = match bare::acpi::parse_madt(&bare::bootinfo::IdentityMapped, info.rsdp) {
         Ok(madt) => madt,
         Err(e) => panic!("ACPI: {e:?}"),
     };

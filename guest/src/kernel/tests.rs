@@ -1,7 +1,7 @@
 //! In-guest tests of the engine on the live page tables.
 
 use super::engine::engine;
-use super::memory::{kernel_image, stack_guard, DirectMap, DIRECT_MAP_BASE, FRAMES};
+use super::memory::{kernel_image, stack_guard, DIRECT_MAP, DIRECT_MAP_BASE, FRAMES};
 use super::report::{Test, TestResult};
 use super::{test_area, vmalloc};
 use crate::ensure;
@@ -248,7 +248,7 @@ fn snapshot_tables(vas: &[u64; 3], first: usize) {
         *copy = [0; 512];
         if let Ok(leaf) = lookup(*va) {
             for (i, word) in copy.iter_mut().enumerate() {
-                *word = DirectMap.load(leaf.table, i);
+                *word = DIRECT_MAP.load(leaf.table, i);
             }
         }
     }

@@ -4,10 +4,9 @@
 //! page's private alias only while it is private-accepted and its shared
 //! alias (bit 47) only while it is shared.
 
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8};
 use pagetable::{
-    CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, TableMemory,
-    VirtAddr,
+    CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, VirtAddr,
 };
 use spin::Mutex;
 use tdx_emulator::model::{Backing, PageState};
@@ -18,34 +17,10 @@ pub const TD_BYTES: u64 = 256 << 20;
 pub const TD_PAGES: usize = (TD_BYTES / 4096) as usize;
 
 /// Page-table memory through the boot identity map (all RAM below 4 GiB).
-#[derive(Clone, Copy, Default)]
-pub struct Identity;
-
-impl Identity {
-    fn entry(table: PhysAddr, index: usize) -> &'static AtomicU64 {
-        // SAFETY: tables live in RAM below 4 GiB, identity-mapped for the
-        // whole run; entries are 8-byte aligned and only accessed atomically.
-        unsafe { AtomicU64::from_ptr((table.0 + (index as u64 & 511) * 8) as *mut u64) }
-    }
-}
-
-impl TableMemory for Identity {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
-        Self::entry(table, index).load(Ordering::SeqCst)
-    }
-    fn compare_exchange(
-        &self,
-        table: PhysAddr,
-        index: usize,
-        current: u64,
-        new: u64,
-    ) -> Result<u64, u64> {
-        Self::entry(table, index).compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
-    }
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
-        Self::entry(table, index).store(value, Ordering::SeqCst)
-    }
-}
+pub type Identity = bare::physmem::MappedTables;
+static NO_OFFSET: AtomicU64 = AtomicU64::new(0);
+/// The nested tables' memory.
+pub const IDENTITY: Identity = Identity::new(&NO_OFFSET);
 
 /// Zeroed 4K frames from `[next, end)`; never freed (the emulator runs one TD).
 pub struct Frames {
@@ -114,7 +89,7 @@ impl TdMemory {
         Some(TdMemory {
             base,
             nested: PageTables::new(
-                Identity,
+                IDENTITY,
                 PhysAddr(root),
                 PagingMode::FourLevelNested,
                 CcMask::NONE,

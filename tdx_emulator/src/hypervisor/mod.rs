@@ -5,7 +5,7 @@ mod svm;
 mod vcpu;
 
 use bare::apic::Apic;
-use bare::bootinfo::{BootInfo, PhysRead};
+use bare::bootinfo::BootInfo;
 use bare::println;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use memory::{TdMemory, FRAMES, PAGE_STATES, TD_BYTES};
@@ -57,20 +57,6 @@ pub fn td() -> &'static TdModel<'static> {
     TD.get().expect("TD set up before vCPUs run")
 }
 
-struct IdentityMap;
-
-impl PhysRead for IdentityMap {
-    fn read_u32(&self, pa: u64) -> u32 {
-        // SAFETY: the boot identity map covers the low 4 GiB, where QEMU put
-        // the start info, the memory map and the ACPI tables.
-        unsafe { core::ptr::read_unaligned(pa as *const u32) }
-    }
-    fn read_u64(&self, pa: u64) -> u64 {
-        // SAFETY: as read_u32.
-        unsafe { core::ptr::read_unaligned(pa as *const u64) }
-    }
-}
-
 extern "C" {
     static __kernel_end: u8;
 }
@@ -108,8 +94,8 @@ fn parse_options(line: &'static str) -> (Options, &'static str) {
 #[no_mangle]
 extern "C" fn bare_main(start_info: u64) -> ! {
     println!("emulator: booted");
-    let info =
-        BootInfo::parse(&IdentityMap, start_info).unwrap_or_else(|e| panic!("start info: {e:?}"));
+    let info = BootInfo::parse(&bare::bootinfo::IdentityMapped, start_info)
+        .unwrap_or_else(|e| panic!("start info: {e:?}"));
     let (options, guest_line) = parse_options(command_line(info.cmdline));
     let (module, module_size) = info
         .first_module
@@ -136,8 +122,8 @@ extern "C" fn bare_main(start_info: u64) -> ! {
     let image_end = core::ptr::addr_of!(__kernel_end) as u64;
     FRAMES.set_range(image_end.max(2 << 20), TD_BASE.min(module));
 
-    let madt =
-        bare::acpi::parse_madt(&IdentityMap, info.rsdp).unwrap_or_else(|e| panic!("ACPI: {e:?}"));
+    let madt = bare::acpi::parse_madt(&bare::bootinfo::IdentityMapped, info.rsdp)
+        .unwrap_or_else(|e| panic!("ACPI: {e:?}"));
     let mut apic_ids = [0u32; vcpu::MAX_VCPUS];
     let cpus = madt
         .enabled_apic_ids_into(&mut apic_ids)
