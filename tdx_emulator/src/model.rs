@@ -505,8 +505,7 @@ mod tests {
         }
     }
 
-    fn td(pages: usize, options: Options) -> (Vec<AtomicU8>, Counters) {
-        let _ = options;
+    fn td(pages: usize) -> (Vec<AtomicU8>, Counters) {
         (
             (0..pages).map(|_| AtomicU8::new(0)).collect(),
             Counters::new(),
@@ -528,7 +527,7 @@ mod tests {
 
     #[test]
     fn vp_info_reports_gpaw_and_vcpus() {
-        let (states, counters) = td(16, Options::default());
+        let (states, counters) = td(16);
         let model = TdModel::new(&states, 48, 4, Options::default(), &counters);
         let mut vcpu = VcpuState {
             index: 2,
@@ -552,7 +551,7 @@ mod tests {
 
     #[test]
     fn map_gpa_moves_states_zeroes_and_flushes() {
-        let (states, counters) = td(16, Options::default());
+        let (states, counters) = td(16);
         let model = TdModel::new(&states, 48, 1, Options::default(), &counters);
         let fake = Fake::default();
         let mut vcpu = VcpuState::default();
@@ -605,7 +604,7 @@ mod tests {
             map_gpa_retry_every_page: true,
             ..Options::default()
         };
-        let (states, counters) = td(16, options);
+        let (states, counters) = td(16);
         let model = TdModel::new(&states, 48, 1, options, &counters);
         let fake = Fake::default();
         let mut regs = vmcall_regs(subfn::MAP_GPA, 0x4000 | S, 0x3000);
@@ -650,7 +649,7 @@ mod tests {
                 refuse_large_accept: refuse,
                 ..Options::default()
             };
-            let (states, counters) = td(2048, options);
+            let (states, counters) = td(2048);
             let model = TdModel::new(&states, 48, 1, options, &counters);
             let fake = Fake::default();
             model.initialise(0, 4 << 20, PageState::Pending, &fake);
@@ -677,7 +676,7 @@ mod tests {
 
     #[test]
     fn second_ve_before_veinfo_get_is_a_double_fault() {
-        let (states, counters) = td(16, Options::default());
+        let (states, counters) = td(16);
         let model = TdModel::new(&states, 48, 1, Options::default(), &counters);
         let mut vcpu = VcpuState::default();
         assert_eq!(
@@ -711,7 +710,7 @@ mod tests {
 
     #[test]
     fn bad_map_gpa_and_accept_operands_are_refused() {
-        let (states, counters) = td(16, Options::default());
+        let (states, counters) = td(16);
         let model = TdModel::new(&states, 48, 1, Options::default(), &counters);
         let fake = Fake::default();
         for (r12, r13) in [

@@ -20,7 +20,6 @@ const GPAW: u8 = 48;
 static COUNTERS: Counters = Counters::new();
 static TD: spin::Once<TdModel<'static>> = spin::Once::new();
 static MEMORY: spin::Once<TdMemory> = spin::Once::new();
-static LAYOUT: spin::Once<FirmwareLayout> = spin::Once::new();
 static APIC: spin::Once<Apic> = spin::Once::new();
 static CPU_TABLES: [spin::Once<bare::gdt::CpuTables>; vcpu::MAX_VCPUS] =
     [const { spin::Once::new() }; vcpu::MAX_VCPUS];
@@ -41,7 +40,7 @@ pub struct FirmwareLayout {
     pub ap_gdt: u64,
 }
 
-const LAYOUT_VALUES: FirmwareLayout = FirmwareLayout {
+const LAYOUT: FirmwareLayout = FirmwareLayout {
     acpi: 0xe_0000,
     mailbox: 0xe_1000,
     start_info: 0xe_2000,
@@ -50,7 +49,7 @@ const LAYOUT_VALUES: FirmwareLayout = FirmwareLayout {
 };
 
 pub fn firmware_layout() -> FirmwareLayout {
-    *LAYOUT.call_once(|| LAYOUT_VALUES)
+    LAYOUT
 }
 
 pub fn td() -> &'static TdModel<'static> {

@@ -352,7 +352,7 @@ impl Vcpu {
             GuestTables(self.memory),
             PhysAddr(root),
             PagingMode::FourLevel,
-            CcMask::tdx(48).ok()?,
+            CcMask::tdx(super::GPAW).ok()?,
         );
         tables.translate(VirtAddr(linear)).map(|pa| pa.0)
     }
