@@ -4,7 +4,7 @@
 //! runs on the boot identity map, so a VMCB's physical address is also its
 //! address.
 
-use core::arch::global_asm;
+use core::arch::{asm, global_asm};
 use core::sync::atomic::{fence, Ordering};
 
 /// Control-area offsets.
@@ -208,7 +208,6 @@ emulator_svm_run:
     push rdi                      /* [rsp + 16]: registers */
     push rdx                      /* [rsp + 8]: host VMCB */
     push rsi                      /* [rsp + 0]: guest VMCB */
-    clgi
     mov rax, rdx
     vmsave rax                    /* host FS, GS, TR, LDTR, KernelGsBase, ... */
     mov rax, [rsp]
@@ -263,6 +262,16 @@ emulator_svm_run:
 "#
 );
 
+/// Holds off host interrupts (CLGI) until the next #VMEXIT. A vCPU calls
+/// this before its last look at pending events: a kick sent after that look
+/// stays pending in the local APIC and forces an INTR exit right after
+/// VMRUN, instead of being taken in the emulator and lost.
+pub fn hold_interrupts_until_exit() {
+    // SAFETY: EFER.SVME is set on every CPU that runs vCPUs (`enable`);
+    // CLGI touches no memory, and `run`'s STGI after the exit undoes it.
+    unsafe { asm!("clgi", options(nostack, preserves_flags)) };
+}
+
 extern "C" {
     fn emulator_svm_run(registers: *mut GuestRegisters, guest_vmcb: u64, host_vmcb: u64);
 }
@@ -272,8 +281,9 @@ extern "C" {
 /// # Safety
 /// SVM is enabled on this CPU; `guest` holds a consistent guest state and
 /// nested tables that map only TD memory; `host_vmcb` is this CPU's VMSAVE
-/// area (a zeroed page); interrupts are enabled (host interrupts that
-/// arrive during the guest are taken right after the exit).
+/// area (a zeroed page); interrupts are enabled and GIF is clear
+/// (`hold_interrupts_until_exit`): host interrupts that arrive before or
+/// during the guest end it with an INTR exit and are taken after it.
 pub unsafe fn run(guest: &Vmcb, registers: &mut GuestRegisters, host_vmcb: u64) {
     fence(Ordering::SeqCst);
     // SAFETY: the caller guarantees SVM is on and the state is consistent;

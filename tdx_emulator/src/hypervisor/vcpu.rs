@@ -247,7 +247,10 @@ impl Vcpu {
 
     fn enter(&mut self) {
         let vmcb = &self.vmcb;
+        svm::hold_interrupts_until_exit();
         // A virtual interrupt for the guest, if one waits and none is queued.
+        // A vector set pending after this look comes with a kick, which GIF
+        // holds until VMRUN turns it into an exit.
         let virtual_interrupt = vmcb.read_u64(control::VIRTUAL_INTERRUPT);
         if virtual_interrupt & (1 << 8) == 0 {
             if let Some(vector) = take_highest_pending(self.index) {
@@ -263,7 +266,7 @@ impl Vcpu {
         // SAFETY: SVM is enabled on this CPU (run), the VMCB holds a
         // consistent state built in `run` and updated only by exit handling,
         // the nested tables map only TD memory, host_vmcb is this vCPU's own
-        // page, and interrupts are enabled.
+        // page, interrupts are enabled and GIF is clear (above).
         unsafe { svm::run(vmcb, &mut self.registers, self.host_vmcb) };
         IN_GUEST[self.index].store(false, Ordering::SeqCst);
     }
