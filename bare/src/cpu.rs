@@ -99,10 +99,40 @@ pub fn flush_tlb_local() {
     }
 }
 
-/// Writes back and invalidates all caches.
-pub fn wbinvd() {
-    // SAFETY: WBINVD loses no data (it writes back first); CPL 0.
-    unsafe { asm!("wbinvd", options(nostack, preserves_flags)) }
+/// Invalidates this CPU's TLB entry for the page holding `va` (global or
+/// not).
+pub fn invlpg(va: u64) {
+    // SAFETY: INVLPG changes no translation and faults on no address; CPL 0.
+    // Not `nomem`: later accesses to the page must re-walk.
+    unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) }
+}
+
+/// Writes back (if dirty) and invalidates the line holding `address` in
+/// every cache of the coherence domain, then waits for that to complete.
+/// WBINVD would flush everything without a mapping but only this CPU's
+/// caches, and it is a #VE in a TD.
+///
+/// # Safety
+/// `address` must be mapped (CLFLUSH translates it like a read).
+pub unsafe fn clflush_lines(address: u64, bytes: u64, line_size: u64) {
+    let mut line = address & !(line_size - 1);
+    while line < address + bytes {
+        // SAFETY: the caller guarantees the range is mapped; CLFLUSH changes
+        // no memory contents.
+        unsafe { asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags)) };
+        line += line_size;
+    }
+    // SAFETY: MFENCE only orders; CLFLUSH is ordered by it.
+    unsafe { asm!("mfence", options(nostack, preserves_flags)) };
+}
+
+/// The CLFLUSH line size in bytes (CPUID.1:EBX[15:8] × 8), 64 if the CPU
+/// does not say.
+pub fn clflush_line_size() -> u64 {
+    match (cpuid(1, 0).ebx >> 8) & 0xff {
+        0 => 64,
+        eights => u64::from(eights) * 8,
+    }
 }
 
 /// Reads an MSR.

@@ -92,7 +92,7 @@ impl Machine for &Narrator {
     fn flush_tlb_all(&self) {
         println!("        TLB flushed on all CPUs (one shootdown for the whole call)");
     }
-    fn flush_caches(&self, run: &GpaRun) {
+    fn flush_caches(&self, run: &GpaRun, _direction: Direction) {
         println!(
             "        caches written back for GPA {}..{}",
             run.gpa,

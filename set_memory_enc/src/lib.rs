@@ -154,8 +154,12 @@ pub trait Machine {
     /// Step 3: invalidate all TLBs on all CPUs (global entries included) and
     /// return only when every CPU has acknowledged.
     fn flush_tlb_all(&self);
-    /// Step 4: write back and invalidate the caches for `run`'s frames.
-    fn flush_caches(&self, run: &GpaRun);
+    /// Step 4: write back and invalidate the caches for `run`'s frames. Their
+    /// entries are non-present, and the frames are still in the state
+    /// `direction` leaves: a flush that needs a mapping (CLFLUSH) must map
+    /// them in that state, privately to this CPU. WBINVD would do without a
+    /// mapping, but it is a #VE in a TD.
+    fn flush_caches(&self, run: &GpaRun, direction: Direction);
     /// Called as each step starts, for tracing. Default: nothing.
     fn on_step(&self, step: Step, direction: Direction, va: VirtAddr, pages: u64) {
         let _ = (step, direction, va, pages);
@@ -348,7 +352,7 @@ where
         if self.platform.needs_cache_flush(direction) {
             trace(Step::FlushCaches);
             self.for_each_run(range, |run| {
-                self.machine.flush_caches(run);
+                self.machine.flush_caches(run, direction);
                 Ok(())
             })?;
         }

@@ -17,7 +17,7 @@ pub enum Event {
     /// [`Machine::flush_tlb_all`].
     FlushTlb,
     /// [`Machine::flush_caches`].
-    FlushCaches(GpaRun),
+    FlushCaches(GpaRun, Direction),
     /// [`Platform::notify`].
     Notify(GpaRun, Direction),
 }
@@ -79,8 +79,8 @@ impl Machine for RecordingMachine {
     fn flush_tlb_all(&self) {
         self.log.record(Event::FlushTlb);
     }
-    fn flush_caches(&self, run: &GpaRun) {
-        self.log.record(Event::FlushCaches(*run));
+    fn flush_caches(&self, run: &GpaRun, direction: Direction) {
+        self.log.record(Event::FlushCaches(*run, direction));
     }
     fn on_step(&self, step: Step, direction: Direction, _va: VirtAddr, _pages: u64) {
         self.log.record(Event::Step(step, direction));

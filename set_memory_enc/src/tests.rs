@@ -285,7 +285,8 @@ fn check_order<P: Platform + 'static>(
                     "{what}: flush after PRESENT cleared, before the flip"
                 )
             }
-            Event::FlushCaches(_) => {
+            Event::FlushCaches(_, d) => {
+                assert_eq!(*d, direction, "{what}");
                 assert_eq!((step, *present, *shared), (4, false, from_shared), "{what}")
             }
             Event::Notify(run, d) => {

@@ -142,7 +142,7 @@ impl Machine for ModelMachine {
             self.tlb.lock().unwrap().clear();
         }
     }
-    fn flush_caches(&self, _run: &GpaRun) {}
+    fn flush_caches(&self, _run: &GpaRun, _direction: Direction) {}
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

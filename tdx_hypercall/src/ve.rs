@@ -18,12 +18,17 @@ pub mod exit_reason {
     pub const CPUID: u32 = 10;
     /// HLT.
     pub const HLT: u32 = 12;
+    /// INVD (a #VE in a TD whatever the configuration).
+    pub const INVD: u32 = 13;
     /// IN/OUT (and INS/OUTS).
     pub const IO: u32 = 30;
     /// RDMSR.
     pub const RDMSR: u32 = 31;
     /// WRMSR.
     pub const WRMSR: u32 = 32;
+    /// WBINVD (a #VE in a TD whatever the configuration: a TD flushes
+    /// caches by line, with CLFLUSH).
+    pub const WBINVD: u32 = 54;
     /// EPT violation: an access the secure EPT did not allow (shared bit disagreeing with the
     /// page's state, or a pending page).
     pub const EPT_VIOLATION: u32 = crate::EXIT_REASON_EPT_VIOLATION;

@@ -1,9 +1,9 @@
 //! The conversion engine on this machine: the kernel's tables, its frame
 //! allocator, and hooks that do the real thing (vmalloc purge, IPI TLB
-//! shootdown, WBINVD).
+//! shootdown, CLFLUSH through a per-CPU window).
 
 use super::memory::{DirectMap, FrameAllocator, DIRECT_MAP, FRAMES};
-use super::{shootdown, td, vmalloc};
+use super::{cacheflush, shootdown, td, vmalloc};
 use bare::println;
 use core::sync::atomic::{AtomicBool, Ordering};
 use pagetable::VirtAddr;
@@ -22,10 +22,10 @@ impl Machine for GuestMachine {
     fn flush_tlb_all(&self) {
         shootdown::flush_all_cpus();
     }
-    fn flush_caches(&self, _run: &GpaRun) {
-        // WBINVD covers every line; a range flush with CLFLUSHOPT would be
-        // cheaper for small runs but needs the run mapped, which it is not.
-        bare::cpu::wbinvd();
+    fn flush_caches(&self, run: &GpaRun, direction: Direction) {
+        // Until step 6 the frames are in the state the conversion leaves.
+        let shared_now = direction == Direction::ToPrivate;
+        cacheflush::flush_frames(run, shared_now, engine().platform().cc_mask());
     }
     fn on_step(&self, step: Step, direction: Direction, va: VirtAddr, pages: u64) {
         if TRACE.load(Ordering::Relaxed) {
@@ -107,6 +107,9 @@ static ENGINE: spin::Once<Engine> = spin::Once::new();
 
 /// Creates the engine over the live tables rooted at `root`.
 pub fn init(root: PhysAddr, platform: GuestPlatform) -> &'static Engine {
+    if let Err(e) = cacheflush::init(platform.cc_mask()) {
+        panic!("flush windows: {e:?}");
+    }
     ENGINE.call_once(|| {
         Converter::new(
             DIRECT_MAP,

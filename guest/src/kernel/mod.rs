@@ -8,6 +8,7 @@
 //! only and no PIT, and starts APs through the ACPI wakeup mailbox instead of
 //! INIT-SIPI-SIPI.
 
+mod cacheflush;
 mod engine;
 mod faults;
 mod memory;
@@ -343,13 +344,14 @@ fn report_tdx_counters() {
         counter.load(core::sync::atomic::Ordering::SeqCst)
     };
     println!(
-        "STRESS map_gpa_calls={} map_gpa_retries={} accept_4k={} accept_2m={} accept_1g={} accept_size_mismatch={}",
+        "STRESS map_gpa_calls={} map_gpa_retries={} accept_4k={} accept_2m={} accept_1g={} accept_size_mismatch={} cache_flushed_pages={}",
         load(&sent.map_gpa_calls),
         load(&sent.map_gpa_retries),
         boot.accepted_4k + load(&sent.accepted[0]),
         boot.accepted_2m + load(&sent.accepted[1]),
         boot.accepted_1g + load(&sent.accepted[2]),
         boot.size_mismatch_fallbacks + load(&sent.size_fallbacks),
+        load(&cacheflush::FLUSHED_PAGES),
     );
 }
 

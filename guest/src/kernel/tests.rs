@@ -1,5 +1,6 @@
 //! In-guest tests of the engine on the live page tables.
 
+use super::cacheflush::Window;
 use super::engine::engine;
 use super::memory::{kernel_image, stack_guard, DIRECT_MAP, DIRECT_MAP_BASE, FRAMES};
 use super::report::{Test, TestResult};
@@ -29,6 +30,10 @@ pub const TESTS: &[Test] = &[
     ("alias_purged_by_step_1", alias_purged_by_step_1),
     ("zeropad_next_page_mapped", zeropad_next_page_mapped),
     ("zeropad_next_page_absent", zeropad_next_page_absent),
+    (
+        "flush_window_maps_frame_as_it_is",
+        flush_window_maps_frame_as_it_is,
+    ),
 ];
 
 /// Test block `n` (2M each) of the reserved test area, as a direct-map VA.
@@ -409,5 +414,43 @@ fn zeropad_next_page_absent() -> TestResult {
     }
     let taken = ZEROPAD_FIXUPS.load(Ordering::SeqCst) - fixups;
     ensure!(taken == 7, "{taken} fixups, want 7");
+    Ok(())
+}
+
+/// Step 4's window maps a frame in the state it is in (in a TD, the other
+/// state would be an EPT-violation #VE, which is fatal here), one frame per
+/// window at a time, and is unmapped again when dropped.
+fn flush_window_maps_frame_as_it_is() -> TestResult {
+    let va = block(0) + 20 * PAGE_SIZE;
+    let frame = PhysAddr(va - DIRECT_MAP_BASE);
+    let cpu = super::cpu_index();
+    for shared in [false, true] {
+        if shared {
+            engine()
+                .set_memory_shared(VirtAddr(va), 1)
+                .map_err(|e| fail(format_args!("to shared: {e:?}")))?;
+        }
+        let seed = 0x21 + u8::from(shared);
+        fill(va, 1, seed);
+        let window =
+            Window::map(cpu, frame, shared, cc()).map_err(|e| fail(format_args!("map: {e:?}")))?;
+        ensure!(
+            check_fill(window.address(), 1, seed),
+            "the window (shared: {shared}) does not show the frame's bytes"
+        );
+        ensure!(
+            Window::map(cpu, frame, shared, cc()).is_err(),
+            "a second mapping of a window in use was allowed"
+        );
+        let address = window.address();
+        drop(window);
+        ensure!(
+            matches!(lookup(address), Err(WalkError::NotMapped { .. })),
+            "the window is still mapped after use"
+        );
+    }
+    engine()
+        .set_memory_private(VirtAddr(va), 1)
+        .map_err(|e| fail(format_args!("back to private: {e:?}")))?;
     Ok(())
 }

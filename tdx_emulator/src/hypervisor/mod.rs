@@ -10,7 +10,7 @@ use bare::println;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use memory::{TdMemory, FRAMES, PAGE_STATES, TD_BYTES};
 use tdx_emulator::firmware::{self, MemoryRange};
-use tdx_emulator::model::{Counters, Options, PageState, TdModel};
+use tdx_emulator::model::{exit_reason, Counters, Options, PageState, TdModel};
 
 /// Host-physical address of the TD's guest-physical 0.
 const TD_BASE: u64 = 512 << 20;
@@ -524,13 +524,15 @@ pub fn print_counters() {
     let c = &COUNTERS;
     let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
     println!(
-        "TDXEMU ve_ept_violation={} ve_io={} ve_cpuid={} ve_rdmsr={} ve_wrmsr={} ve_hlt={} double_faults={} tdcall_vmcall={} tdcall_vp_info={} tdcall_veinfo_get={} tdcall_accept={} map_gpa_calls={} map_gpa_retries={} pages_to_shared={} pages_to_private={} accept_4k={} accept_2m={} accept_1g={} accept_size_mismatch={} ipis={} nested_page_faults={}",
-        c.ve(48),
-        c.ve(30),
-        c.ve(10),
-        c.ve(31),
-        c.ve(32),
-        c.ve(12),
+        "TDXEMU ve_ept_violation={} ve_io={} ve_cpuid={} ve_rdmsr={} ve_wrmsr={} ve_hlt={} ve_wbinvd={} ve_invd={} double_faults={} tdcall_vmcall={} tdcall_vp_info={} tdcall_veinfo_get={} tdcall_accept={} map_gpa_calls={} map_gpa_retries={} pages_to_shared={} pages_to_private={} accept_4k={} accept_2m={} accept_1g={} accept_size_mismatch={} ipis={} nested_page_faults={}",
+        c.ve(exit_reason::EPT_VIOLATION),
+        c.ve(exit_reason::IO),
+        c.ve(exit_reason::CPUID),
+        c.ve(exit_reason::RDMSR),
+        c.ve(exit_reason::WRMSR),
+        c.ve(exit_reason::HLT),
+        c.ve(exit_reason::WBINVD),
+        c.ve(exit_reason::INVD),
         load(&c.double_faults),
         load(&c.tdcalls_by_leaf[0]),
         load(&c.tdcalls_by_leaf[1]),

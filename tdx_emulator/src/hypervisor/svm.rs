@@ -56,10 +56,12 @@ pub mod exit {
     pub const NMI: u64 = 0x61;
     pub const VINTR: u64 = 0x64;
     pub const CPUID: u64 = 0x72;
+    pub const INVD: u64 = 0x76;
     pub const HLT: u64 = 0x78;
     pub const IOIO: u64 = 0x7b;
     pub const MSR: u64 = 0x7c;
     pub const SHUTDOWN: u64 = 0x7f;
+    pub const WBINVD: u64 = 0x89;
     pub const NPF: u64 = 0x400;
     pub const INVALID: u64 = u64::MAX;
 }
@@ -69,12 +71,15 @@ pub mod intercept {
     pub const INTR: u32 = 1 << 0;
     pub const NMI: u32 = 1 << 1;
     pub const CPUID: u32 = 1 << 18;
+    pub const INVD: u32 = 1 << 22;
     pub const HLT: u32 = 1 << 24;
     pub const IOIO: u32 = 1 << 27;
     pub const MSR: u32 = 1 << 28;
     pub const SHUTDOWN: u32 = 1 << 31;
     /// In MISC2.
     pub const VMRUN: u32 = 1 << 0;
+    /// In MISC2.
+    pub const WBINVD: u32 = 1 << 9;
     /// In the exception vector.
     pub const UD: u32 = 1 << 6;
 }

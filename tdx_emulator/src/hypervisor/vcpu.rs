@@ -108,12 +108,16 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
         intercept::INTR
             | intercept::NMI
             | intercept::CPUID
+            | intercept::INVD
             | intercept::HLT
             | intercept::IOIO
             | intercept::MSR
             | intercept::SHUTDOWN,
     );
-    vmcb.write_u32(control::INTERCEPT_MISC2, intercept::VMRUN);
+    vmcb.write_u32(
+        control::INTERCEPT_MISC2,
+        intercept::VMRUN | intercept::WBINVD,
+    );
     vmcb.write_u64(control::IOPM_BASE, super::io_permission_map());
     vmcb.write_u64(control::MSRPM_BASE, super::msr_permission_map());
     vmcb.write_u32(control::ASID, 1);
@@ -301,6 +305,9 @@ impl Vcpu {
             exit::IOIO => self.port_io(info1, info2, strict),
             exit::MSR => self.msr(info1 == 1, strict),
             exit::NPF => self.nested_page_fault(info1, info2),
+            // The TDX module raises #VE for these in every configuration.
+            exit::WBINVD => self.virtualization_exception(exit_reason::WBINVD, 0, 2),
+            exit::INVD => self.virtualization_exception(exit_reason::INVD, 0, 2),
             exit::INTR | exit::NMI | exit::VINTR => {}
             exit::SHUTDOWN => self.fatal("the TD shut down (triple fault)"),
             exit::INVALID => self.fatal("VMRUN refused the guest state"),

@@ -44,6 +44,7 @@ pub const EXPECTED_TESTS: &[&str] = &[
     "alias_purged_by_step_1",
     "zeropad_next_page_mapped",
     "zeropad_next_page_absent",
+    "flush_window_maps_frame_as_it_is",
 ];
 
 /// The workspace root (two levels above this crate).
