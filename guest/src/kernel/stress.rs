@@ -210,6 +210,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     // The window is the conversions themselves: idle CPUs halting (a #VE
     // in a TD) before they join, or after they leave, are not part of it.
     let any_ve_before = VE_TAKEN.load(Ordering::SeqCst);
+    let platform_before = PlatformWork::now();
 
     let mut conversions = 0u64;
     let mut errors = 0u64;
@@ -236,6 +237,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     }
 
     let ve_any = VE_TAKEN.load(Ordering::SeqCst) - any_ve_before;
+    let platform = PlatformWork::now().since(platform_before);
     RUNNING.store(false, Ordering::SeqCst);
     while LOADERS_ACTIVE.load(Ordering::SeqCst) > 0 {
         core::hint::spin_loop();
@@ -247,10 +249,13 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     let loads = LOADS.load(Ordering::SeqCst);
     let wrong = WRONG_BYTES.load(Ordering::SeqCst);
     println!(
-        "STRESS cpus={cpus} conversions={conversions} conversion_errors={errors} loads={loads} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={} ve={ve} ve_any={ve_any} order={}",
+        "STRESS cpus={cpus} conversions={conversions} conversion_errors={errors} loads={loads} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={} ve={ve} ve_any={ve_any} order={} map_gpa_during={} accepts_during={} flushed_pages_during={}",
         super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst),
         super::shootdown::IPIS_SENT.load(Ordering::SeqCst),
         order.name(),
+        platform.map_gpa_calls,
+        platform.accepts,
+        platform.flushed_pages,
     );
     let sound =
         errors == 0 && wrong == 0 && unexpected == 0 && ve == 0 && conversions == 2 * round_trips;
@@ -260,5 +265,41 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         // There is no window to hit.
         #[cfg(feature = "negative-control")]
         Order::Legacy => sound,
+    }
+}
+
+/// What the conversions asked of the platform: MapGPA calls, successful
+/// ACCEPTs (any size) and pages step 4 flushed (all zero outside a TD).
+#[derive(Clone, Copy)]
+struct PlatformWork {
+    map_gpa_calls: u64,
+    accepts: u64,
+    flushed_pages: u64,
+}
+
+impl PlatformWork {
+    fn now() -> PlatformWork {
+        let load = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
+        let flushed_pages = load(&super::cacheflush::FLUSHED_PAGES);
+        match engine().platform().tdx() {
+            Some(tdx) => PlatformWork {
+                map_gpa_calls: load(&tdx.counters().map_gpa_calls),
+                accepts: tdx.counters().accepted.iter().map(load).sum(),
+                flushed_pages,
+            },
+            None => PlatformWork {
+                map_gpa_calls: 0,
+                accepts: 0,
+                flushed_pages,
+            },
+        }
+    }
+
+    fn since(self, before: PlatformWork) -> PlatformWork {
+        PlatformWork {
+            map_gpa_calls: self.map_gpa_calls - before.map_gpa_calls,
+            accepts: self.accepts - before.accepts,
+            flushed_pages: self.flushed_pages - before.flushed_pages,
+        }
     }
 }

@@ -117,9 +117,22 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
                 &format!("TD stress counters wrong: {:?}", report.stress),
             );
         }
-        // Every conversion of the stress went through MapGPA: one page to
-        // shared and one back per round trip, at least.
-        if counter(&report, "pages_to_shared") < u64::from(TD_STRESS_ROUNDS) {
+        // The hypercalls match the conversions: one page each way per
+        // round trip, so one MapGPA per conversion, one 4K ACCEPT and one
+        // page flushed by step 4 per round trip.
+        let rounds = u64::from(TD_STRESS_ROUNDS);
+        let work = (
+            stress("map_gpa_during"),
+            stress("accepts_during"),
+            stress("flushed_pages_during"),
+        );
+        if work != (Some(2 * rounds), Some(rounds), Some(rounds)) {
+            fail_with_log(
+                &run,
+                &format!("stress hypercalls (MapGPA, ACCEPT, flushed pages) {work:?} do not match {rounds} round trips"),
+            );
+        }
+        if counter(&report, "pages_to_shared") < rounds {
             fail_with_log(&run, "fewer pages went shared than the stress converted");
         }
     }
