@@ -63,8 +63,8 @@ impl Window {
             shared,
             &FRAMES,
         )?;
-        // The last frame this window mapped may still be in this CPU's TLB.
-        bare::cpu::invlpg(va.0);
+        // No stale translation to drop: the entry was empty, and `drop`
+        // invalidated the last one.
         Ok(Window { va, cc })
     }
 
@@ -76,8 +76,8 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
-        // Mapped by `map`, so it can only be found. Its TLB entry goes with
-        // the next `map` of this window (no other CPU has one).
+        // Mapped by `map`, so it can only be found. Only this CPU can hold a
+        // translation of it.
         let _ = kernel_tables(self.cc).unmap_leaf(self.va);
         bare::cpu::invlpg(self.va.0);
     }
