@@ -25,8 +25,6 @@ use core::sync::atomic::{fence, Ordering};
 
 /// IA32_APIC_BASE.
 const MSR_APIC_BASE: u32 = 0x1b;
-/// IA32_APIC_BASE: this CPU is the bootstrap processor.
-const APIC_BASE_BSP: u64 = 1 << 8;
 /// IA32_APIC_BASE: x2APIC mode (EXTD).
 const APIC_BASE_X2APIC: u64 = 1 << 10;
 /// IA32_APIC_BASE: APIC globally enabled (EN).
@@ -115,7 +113,7 @@ pub enum ApicError {
 
 /// The register interface in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApicMode {
+enum ApicMode {
     /// MSR interface, 32-bit APIC IDs.
     X2apic,
     /// MMIO interface at this virtual address.
@@ -196,16 +194,6 @@ impl Apic {
             mode: ApicMode::X2apic,
             sets_base_msr: false,
         })
-    }
-
-    /// The register interface in use.
-    pub fn mode(&self) -> ApicMode {
-        self.mode
-    }
-
-    /// Whether the x2APIC interface is in use.
-    pub fn is_x2apic(&self) -> bool {
-        self.mode == ApicMode::X2apic
     }
 
     fn read(&self, offset: u32) -> u32 {
@@ -300,12 +288,6 @@ impl Apic {
         // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU with a local
         // APIC; reading it has no side effect.
         unsafe { rdmsr(MSR_APIC_BASE) & APIC_BASE_ADDRESS_MASK }
-    }
-
-    /// Whether this CPU is the bootstrap processor (IA32_APIC_BASE.BSP).
-    pub fn this_cpu_is_bootstrap() -> bool {
-        // SAFETY: as in `physical_base_of_this_cpu`.
-        unsafe { rdmsr(MSR_APIC_BASE) & APIC_BASE_BSP != 0 }
     }
 
     /// This CPU's local APIC ID.

@@ -60,10 +60,7 @@ fn wait_until(timeout_us: u64, condition: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// This CPU's index (0 = the boot CPU).
-pub fn cpu_index() -> usize {
-    bare::smp::cpu_index()
-}
+pub use bare::smp::cpu_index;
 
 /// The local APIC driver, shared by all CPUs (set on the BSP before any AP
 /// starts).

@@ -280,18 +280,11 @@ struct PlatformWork {
 impl PlatformWork {
     fn now() -> PlatformWork {
         let load = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
-        let flushed_pages = load(&super::cacheflush::FLUSHED_PAGES);
-        match engine().platform().tdx() {
-            Some(tdx) => PlatformWork {
-                map_gpa_calls: load(&tdx.counters().map_gpa_calls),
-                accepts: tdx.counters().accepted.iter().map(load).sum(),
-                flushed_pages,
-            },
-            None => PlatformWork {
-                map_gpa_calls: 0,
-                accepts: 0,
-                flushed_pages,
-            },
+        let sent = engine().platform().tdx().map(|tdx| tdx.counters());
+        PlatformWork {
+            map_gpa_calls: sent.map_or(0, |c| load(&c.map_gpa_calls)),
+            accepts: sent.map_or(0, |c| c.accepted.iter().map(load).sum()),
+            flushed_pages: load(&super::cacheflush::FLUSHED_PAGES),
         }
     }
 
