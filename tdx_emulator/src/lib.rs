@@ -8,6 +8,9 @@
 //! the #VE the TDX module would raise, and counted.
 #![cfg_attr(not(test), no_std)]
 
+pub mod bzimage;
+pub mod cpuid;
 pub mod elf;
 pub mod firmware;
 pub mod model;
+pub mod msr;
