@@ -11,6 +11,7 @@
 pub mod bzimage;
 pub mod cpuid;
 pub mod elf;
+pub mod events;
 pub mod firmware;
 pub mod model;
 pub mod msr;
