@@ -55,7 +55,20 @@ mod register {
     pub const ICR_LOW: u32 = 0x300;
     /// Interrupt command, high half (destination in bits 31:24).
     pub const ICR_HIGH: u32 = 0x310;
+    /// LVT timer entry.
+    pub const LVT_TIMER: u32 = 0x320;
+    /// Timer initial count (writing it starts the timer).
+    pub const TIMER_INITIAL_COUNT: u32 = 0x380;
+    /// Timer current count.
+    pub const TIMER_CURRENT_COUNT: u32 = 0x390;
+    /// Timer divide configuration.
+    pub const TIMER_DIVIDE: u32 = 0x3e0;
 }
+
+/// LVT mask bit.
+const LVT_MASKED: u32 = 1 << 16;
+/// Divide configuration value for "divide by 1".
+const TIMER_DIVIDE_BY_1: u32 = 0b1011;
 
 /// Spurious-vector register: APIC software enable.
 const SPURIOUS_APIC_ENABLE: u32 = 1 << 8;
@@ -213,7 +226,7 @@ impl Apic {
 
     fn write(&self, offset: u32, value: u32) {
         match self.mode {
-            // SAFETY: as in `read`; the registers written here (TPR, EOI,
+            // SAFETY: as in `read`; the registers written here (TPR, EOI, timer,
             // SVR, ESR) take any 32-bit value this module composes.
             ApicMode::X2apic => unsafe { wrmsr(X2APIC_MSR_BASE + offset / 16, u64::from(value)) },
             // SAFETY: as in `read`.
@@ -297,6 +310,29 @@ impl Apic {
             ApicMode::X2apic => raw,
             ApicMode::Xapic { .. } => raw >> 24,
         }
+    }
+
+    /// Starts this CPU's APIC timer in one-shot mode: `vector` fires after
+    /// `ticks` timer ticks (bus clock divided by 1). A zero count stops it.
+    pub fn start_one_shot_timer(&self, vector: u8, ticks: u32) -> Result<(), ApicError> {
+        if vector < FIRST_INTERRUPT_VECTOR {
+            return Err(ApicError::InvalidVector(vector));
+        }
+        self.write(register::TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+        self.write(register::LVT_TIMER, u32::from(vector));
+        self.write(register::TIMER_INITIAL_COUNT, ticks);
+        Ok(())
+    }
+
+    /// Stops this CPU's APIC timer and masks its LVT entry.
+    pub fn stop_timer(&self) {
+        self.write(register::TIMER_INITIAL_COUNT, 0);
+        self.write(register::LVT_TIMER, LVT_MASKED);
+    }
+
+    /// Ticks left in this CPU's APIC timer (0 once it fired or stopped).
+    pub fn timer_current_count(&self) -> u32 {
+        self.read(register::TIMER_CURRENT_COUNT)
     }
 
     /// Signals end of interrupt for the vector being serviced.

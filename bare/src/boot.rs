@@ -1,9 +1,35 @@
-//! PVH entry: QEMU's `-kernel` finds the `XEN_ELFNOTE_PHYS32_ENTRY` note and
-//! jumps to `pvh_start` in 32-bit protected mode, paging off, EBX = physical
-//! address of `hvm_start_info`. We build a temporary identity map of the low
-//! 4 GiB with 2M pages, enter long mode and call the program's
-//! `bare_main(start_info: u64)`, which must never return. The program then
-//! builds its own page tables.
+//! The two ways into a bare-metal program of this project. Both end in the
+//! same state and call the program's
+//! `bare_main(boot_info: u64, protocol: u64)`, which must never return:
+//!
+//! - **PVH** (`pvh_start`, named by the `XEN_ELFNOTE_PHYS32_ENTRY` note):
+//!   QEMU's `-kernel` jumps there in 32-bit protected mode, paging off,
+//!   EBX = physical address of `hvm_start_info`. QEMU uses the note, not the
+//!   ELF entry point.
+//! - **The Linux 64-bit boot protocol** (`_start64`, the ELF entry point):
+//!   TD firmware jumps there in 64-bit mode with an identity map of at least
+//!   the low 4 GiB, interrupts off, RSP undefined and RSI = physical address
+//!   of `struct boot_params`. A faithful TDX cannot run the PVH entry.
+//!
+//! The common state, reached through `boot_long_mode`: 64-bit mode with CS
+//! 0x08 and DS = ES = SS 0x10 of the boot GDT below (the selectors of
+//! [`crate::gdt`], which the IDT's gates use), FS = GS = 0, CR3 = the boot
+//! identity map of the low 4 GiB in 2M pages (static, in the image), RSP =
+//! the top of the 64 KiB boot stack, DF clear, interrupts off. RDI = the
+//! boot information's physical address, RSI = the
+//! [`BootProtocol`](crate::bootinfo::BootProtocol) as a raw number. The
+//! program then builds its own page tables.
+//!
+//! `_start64` writes only CR3 (no CR0, CR4 or EFER: the firmware's values
+//! are kept, so paging stays 4-level, NX stays enabled and CR0.NE stays set)
+//! and executes nothing that a TD turns into a #VE (no CPUID, MSR, port IO
+//! or HLT), since there is no IDT yet and a #VE would be a triple fault.
+
+use crate::bootinfo::BootProtocol;
+
+// The boot GDT below puts its code and data descriptors where the IDT's
+// gates and `gdt::load_gdt` expect them.
+const _: () = assert!(crate::gdt::KERNEL_CODE == 0x08 && crate::gdt::KERNEL_DATA == 0x10);
 
 core::arch::global_asm!(
     r#"
@@ -16,11 +42,29 @@ core::arch::global_asm!(
     .long pvh_start
     .popsection
 
-    .pushsection .bss.boot, "aw", @nobits
+    /* The boot identity map of [0, 4 GiB): PML4[0] -> PDPT, PDPT[0..4] ->
+       four page directories of 2M pages, present and writable. Static, so
+       both entries load it as it is. */
+    .pushsection .data.boot, "aw"
     .balign 4096
-boot_pml4:  .skip 4096
-boot_pdpt:  .skip 4096
-boot_pd:    .skip 4 * 4096
+boot_pml4:
+    .quad boot_pdpt + 0x3
+    .fill 511, 8, 0
+boot_pdpt:
+    .quad boot_pd + 0x3
+    .quad boot_pd + 0x1003
+    .quad boot_pd + 0x2003
+    .quad boot_pd + 0x3003
+    .fill 508, 8, 0
+boot_pd:
+    .set boot_pd_index, 0
+    .rept 2048
+    .quad (boot_pd_index << 21) | 0x83      /* present, writable, 2M */
+    .set boot_pd_index, boot_pd_index + 1
+    .endr
+    .popsection
+
+    .pushsection .bss.boot, "aw", @nobits
     .balign 16
 boot_stack_bottom: .skip 64 * 1024
     .global boot_stack_top
@@ -47,29 +91,6 @@ pvh_start:
     /* The PVH ABI leaves ESP undefined: the far return below needs a stack. */
     lea esp, [boot_stack_top]
     mov esi, ebx                  /* hvm_start_info, kept for bare_main */
-    /* PML4[0] -> PDPT, PDPT[0..4] -> 4 page directories of 2M pages. */
-    lea eax, [boot_pdpt + 0x3]
-    mov [boot_pml4], eax
-    xor ecx, ecx
-1:  lea eax, [boot_pd + 0x3]
-    mov edx, ecx
-    shl edx, 12
-    add eax, edx
-    mov [boot_pdpt + ecx * 8], eax
-    inc ecx
-    cmp ecx, 4
-    jne 1b
-    xor ecx, ecx
-2:  mov eax, ecx
-    shl eax, 21
-    or eax, 0x83                  /* present, writable, 2M */
-    mov [boot_pd + ecx * 8], eax
-    mov eax, ecx
-    shr eax, 11                   /* high half of (ecx << 21) */
-    mov [boot_pd + ecx * 8 + 4], eax
-    inc ecx
-    cmp ecx, 2048
-    jne 2b
 
     mov eax, cr4
     or eax, 0x20                  /* PAE */
@@ -86,7 +107,7 @@ pvh_start:
     wrmsr
 5:
     mov eax, cr0
-    or eax, 0x80010001            /* PG | WP | PE */
+    or eax, 0x80010001            /* PG | WP | PE (NE and the rest kept) */
     mov cr0, eax
     lgdt [boot_gdt_pointer]
     push 0x08
@@ -95,7 +116,36 @@ pvh_start:
     retf
 
     .code64
-3:  mov ax, 0x10
+    /* Entered from compatibility mode: the upper halves of the registers
+       are undefined, so the start info is zero-extended. */
+3:  mov edi, esi
+    mov esi, {pvh}
+    jmp boot_long_mode
+
+    /* The Linux 64-bit boot protocol: 64-bit mode, paging on with an
+       identity map covering this image, the boot stack and the low 4 GiB;
+       RSI = boot_params; RSP undefined; interrupts off. Writes no control
+       register but CR3 and makes no access that can #VE in a TD. */
+    .global _start64
+_start64:
+    cli
+    lea rsp, [rip + boot_stack_top]
+    mov rdi, rsi                  /* boot_params, all 64 bits */
+    mov esi, {linux64}
+    /* Our identity map instead of the firmware's (which lives in memory
+       that is not RAM to us): the image is mapped the same in both. */
+    lea rax, [rip + boot_pml4]
+    mov cr3, rax
+    lgdt [rip + boot_gdt_pointer]
+    push 0x08
+    lea rax, [rip + boot_long_mode]
+    push rax
+    retfq
+
+    /* Both entries: CS = 0x08 of boot_gdt, CR3 = boot_pml4,
+       RDI = boot information, RSI = BootProtocol. */
+boot_long_mode:
+    mov ax, 0x10
     mov ds, ax
     mov es, ax
     mov ss, ax
@@ -103,11 +153,13 @@ pvh_start:
     mov fs, ax
     mov gs, ax
     lea rsp, [rip + boot_stack_top]
-    mov edi, esi
     xor ebp, ebp
+    cld
     call bare_main
 4:  hlt
     jmp 4b
     .popsection
-"#
+"#,
+    pvh = const BootProtocol::Pvh.raw(),
+    linux64 = const BootProtocol::Linux64.raw(),
 );

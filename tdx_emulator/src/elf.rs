@@ -1,5 +1,7 @@
-//! Just enough ELF64 to load the guest kernel: its PT_LOAD segments and the
-//! PVH entry point from its `XEN_ELFNOTE_PHYS32_ENTRY` note.
+//! Just enough ELF64 to load the guest kernel: its PT_LOAD segments, the
+//! PVH entry point from its `XEN_ELFNOTE_PHYS32_ENTRY` note and the ELF
+//! entry point (`e_entry`, the 64-bit entry of the Linux 64-bit boot
+//! protocol in this project's kernels).
 
 /// One PT_LOAD segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,10 +19,30 @@ pub struct Segment {
 /// Why the image was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ElfError {
+    /// Not a little-endian x86-64 ELF64.
     NotElf64,
+    /// A header, segment or note runs past the end of the file.
     Truncated,
+    /// No `XEN_ELFNOTE_PHYS32_ENTRY` note, or one of a bad size.
     NoPvhEntry,
+    /// More than [`MAX_SEGMENTS`] PT_LOAD segments.
     TooManySegments,
+    /// `e_entry` is not inside the file bytes of any PT_LOAD segment.
+    EntryOutsideImage,
+}
+
+impl core::fmt::Display for ElfError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            ElfError::NotElf64 => "not an x86-64 ELF64 image",
+            ElfError::Truncated => "the ELF image is truncated",
+            ElfError::NoPvhEntry => "the ELF image has no PVH entry note",
+            ElfError::TooManySegments => "the ELF image has too many PT_LOAD segments",
+            ElfError::EntryOutsideImage => {
+                "the ELF entry point is outside the image's loaded bytes"
+            }
+        })
+    }
 }
 
 /// Segments kept at most.
@@ -33,6 +55,10 @@ pub struct Image {
     pub segment_count: usize,
     /// 32-bit PVH entry point.
     pub pvh_entry: u32,
+    /// The ELF entry point (`e_entry`): where a 64-bit hand-over jumps, at
+    /// a physical = virtual address of the identity map. Inside the loaded
+    /// bytes of a segment (checked against their physical addresses).
+    pub entry: u64,
 }
 
 fn read<const N: usize>(bytes: &[u8], at: u64) -> Result<[u8; N], ElfError> {
@@ -66,6 +92,7 @@ pub fn parse(bytes: &[u8]) -> Result<Image, ElfError> {
     {
         return Err(ElfError::NotElf64);
     }
+    let entry_point = u64_at(bytes, 24)?;
     let phoff = u64_at(bytes, 32)?;
     let phentsize = u64::from(u16_at(bytes, 54)?);
     let phnum = u64::from(u16_at(bytes, 56)?);
@@ -78,6 +105,7 @@ pub fn parse(bytes: &[u8]) -> Result<Image, ElfError> {
         }; MAX_SEGMENTS],
         segment_count: 0,
         pvh_entry: 0,
+        entry: 0,
     };
     let mut entry = None;
     for index in 0..phnum {
@@ -112,6 +140,13 @@ pub fn parse(bytes: &[u8]) -> Result<Image, ElfError> {
         }
     }
     image.pvh_entry = entry.ok_or(ElfError::NoPvhEntry)?;
+    let loaded = image.segments[..image.segment_count]
+        .iter()
+        .any(|s| s.paddr <= entry_point && entry_point - s.paddr < s.file_size);
+    if !loaded {
+        return Err(ElfError::EntryOutsideImage);
+    }
+    image.entry = entry_point;
     Ok(image)
 }
 
@@ -160,6 +195,11 @@ mod tests {
             image.pvh_entry, 0x10_0000,
             "pvh_start is the first byte of .text"
         );
+        // _start64 follows the 32-bit entry in the same (first) segment.
+        let text = image.segments[0];
+        assert_eq!(text.paddr, 0x10_0000);
+        assert!(image.entry > u64::from(image.pvh_entry));
+        assert!(image.entry < text.paddr + text.file_size);
         assert!(image.segment_count >= 3);
         assert!(image.segments[..image.segment_count]
             .iter()
@@ -172,6 +212,7 @@ mod tests {
         b[4] = 2;
         b[18..20].copy_from_slice(&62u16.to_le_bytes());
         b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[24..32].copy_from_slice(&0x20_0008u64.to_le_bytes());
         b[54..56].copy_from_slice(&56u16.to_le_bytes());
         b[56..58].copy_from_slice(&2u16.to_le_bytes());
         // PT_LOAD: 0x10 bytes at file 0x100 to 0x200000, 0x1000 in memory.
@@ -198,6 +239,7 @@ mod tests {
     fn parses_a_hand_made_image() {
         let image = parse(&hand_made()).unwrap();
         assert_eq!(image.pvh_entry, 0x20_0123);
+        assert_eq!(image.entry, 0x20_0008);
         assert_eq!(image.segment_count, 1);
         assert_eq!(
             image.segments[0],
@@ -222,5 +264,25 @@ mod tests {
         let mut past_end = hand_made();
         past_end[64 + 32..64 + 40].copy_from_slice(&0x1000u64.to_le_bytes());
         assert_eq!(parse(&past_end).unwrap_err(), ElfError::Truncated);
+        // e_entry must name loaded bytes: not before the segment, not in
+        // its zero-filled tail, not where nothing is loaded.
+        for outside in [0x1f_ffff, 0x20_0010, 0x20_0fff, 0, u64::MAX] {
+            let mut bad_entry = hand_made();
+            bad_entry[24..32].copy_from_slice(&outside.to_le_bytes());
+            assert_eq!(
+                parse(&bad_entry).unwrap_err(),
+                ElfError::EntryOutsideImage,
+                "e_entry {outside:#x}"
+            );
+        }
+        let mut last_byte = hand_made();
+        last_byte[24..32].copy_from_slice(&0x20_000fu64.to_le_bytes());
+        assert_eq!(parse(&last_byte).unwrap().entry, 0x20_000f);
+        // A header cut before e_entry is truncated, not misread.
+        assert_eq!(parse(&hand_made()[..28]).unwrap_err(), ElfError::Truncated);
+        assert_eq!(
+            ElfError::EntryOutsideImage.to_string(),
+            "the ELF entry point is outside the image's loaded bytes"
+        );
     }
 }

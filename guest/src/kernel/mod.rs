@@ -20,7 +20,7 @@ mod tests;
 mod vmalloc;
 
 use bare::apic::Apic;
-use bare::bootinfo::BootInfo;
+use bare::bootinfo::{BootInfo, BootProtocol};
 use bare::println;
 use memory::{RamRegion, FRAMES};
 
@@ -94,15 +94,26 @@ fn wake_interrupt(_frame: &mut bare::idt::Frame) {
     end_of_interrupt();
 }
 
+/// Entered from `bare::boot` with either entry's boot information:
+/// `protocol` (a raw [`BootProtocol`]) says which, PVH (plain QEMU) or the
+/// Linux 64-bit boot protocol (TD firmware).
 #[no_mangle]
-extern "C" fn bare_main(start_info: u64) -> ! {
+extern "C" fn bare_main(boot_info: u64, protocol: u64) -> ! {
     // In a TD (strict mode) even the console's port I/O raises #VE: detect a
     // TD with the one CPUID leaf that never does, and have the handlers in
-    // place before anything else runs. Harmless outside a TD.
+    // place before anything else runs. Harmless outside a TD. Nothing before
+    // `idt::load` may raise a #VE (there is no IDT: a triple fault).
     let tdcall = td::enter_if_td();
     faults::install();
     bare::idt::load();
-    println!("guest: booted (PVH), start info at {start_info:#x}");
+    let protocol = match BootProtocol::from_raw(protocol) {
+        Ok(protocol) => protocol,
+        Err(e) => panic!("entered by unknown boot code: {e:?}"),
+    };
+    println!(
+        "guest: booted ({}), boot information at {boot_info:#x}",
+        protocol.name()
+    );
     if let Some(tdcall) = tdcall {
         let info = match tdx_hypercall::vp_info(tdcall) {
             Ok(info) => info,
@@ -114,10 +125,16 @@ extern "C" fn bare_main(start_info: u64) -> ! {
             info.vcpu_index, info.num_vcpus, info.max_vcpus
         );
     }
-    let info = match BootInfo::parse(&bare::bootinfo::IdentityMapped, start_info) {
+    let info = match BootInfo::parse_for(protocol, &bare::bootinfo::IdentityMapped, boot_info) {
         Ok(info) => info,
-        Err(e) => panic!("bad PVH start info: {e:?}"),
+        Err(e) => panic!("bad {} boot information: {e:?}", protocol.name()),
     };
+    if info.regions_dropped > 0 {
+        println!(
+            "guest: memory map: {} entries past the first {} ignored",
+            info.regions_dropped, info.region_count
+        );
+    }
     let mut ram = [RamRegion { start: 0, end: 0 }; 16];
     let mut count = 0;
     for region in info.ram().take(ram.len()) {
