@@ -4,6 +4,8 @@
 #   make test  - formatting, lints, bare-metal builds and every test
 # Both install what is missing first (scripts/setup.sh).
 # Also: make run-td - the guest as a TD under the TDX-module emulator;
+#       make linux-td - Debian's stock kernel as a TD: fetch it, run its tests;
+#       make run-linux-td - boot it as a TD with 4 vCPUs, console streamed;
 #       make demo   - the engine over simulated memory on the host, step by step.
 
 SHELL := bash
@@ -20,8 +22,13 @@ EMULATOR_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/tdx_emulator
 # only), in its own target directory so it never replaces the real one.
 GUEST_LEGACY_ELF := $(CURDIR)/target/negative-control/$(BARE_METAL_TARGET)/release/guest
 ELFS := GUEST_ELF=$(GUEST_ELF) EMULATOR_ELF=$(EMULATOR_ELF) GUEST_LEGACY_ELF=$(GUEST_LEGACY_ELF)
+# Debian's kernel and busybox for the Linux-TD test, fetched by
+# scripts/fetch-linux-td.sh into a cache that is never committed.
+LINUX_TD_DIR := $(CURDIR)/target/linux-td
+LINUX_TD := LINUX_TD_KERNEL=$(LINUX_TD_DIR)/kernel LINUX_TD_BUSYBOX=$(LINUX_TD_DIR)/busybox \
+	LINUX_TD_SOURCE=$(LINUX_TD_DIR)/SOURCE
 
-.PHONY: setup guest run run-td demo test fmt
+.PHONY: setup guest run run-td linux-td-fetch linux-td run-linux-td demo test fmt
 
 setup:
 	@./scripts/setup.sh
@@ -38,17 +45,30 @@ run: guest
 run-td: guest
 	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4 --td strict -- stress-rounds=300
 
+linux-td-fetch: setup
+	./scripts/fetch-linux-td.sh $(LINUX_TD_DIR)
+
+# The Linux-TD tests alone (tests/qemu/tests/linux_td.rs).
+linux-td: guest linux-td-fetch
+	$(ELFS) $(LINUX_TD) $(CARGO) test -p qemu-harness --test linux_td -- --nocapture
+
+# Debian's kernel with the test's initramfs as a TD, 4 vCPUs, default options.
+run-linux-td: guest linux-td-fetch
+	$(LINUX_TD) $(CARGO) run --quiet -p qemu-harness --bin linux-td-initramfs
+	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4 --td \
+		--kernel $(LINUX_TD_DIR)/kernel --initrd $(LINUX_TD_DIR)/initramfs.cpio -- console=ttyS0
+
 demo: setup
 	$(CARGO) run --quiet -p demo
 
-test: guest
+test: guest linux-td-fetch
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) clippy $(BARE_METAL) --target $(BARE_METAL_TARGET) -- -D warnings
 	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
 	mkdir -p target && : > $(TEST_LOG)
 	# --nocapture: the QEMU boots print their stress counters.
-	$(ELFS) $(CARGO) test --workspace --all-features --exclude set_memory_enc \
+	$(ELFS) $(LINUX_TD) $(CARGO) test --workspace --all-features --exclude set_memory_enc \
 		-- --nocapture 2>&1 | tee -a $(TEST_LOG)
 	# --nocapture: the race model prints how many interleavings it explored.
 	$(CARGO) test -p set_memory_enc --all-features -- --nocapture --test-threads 2 2>&1 | tee -a $(TEST_LOG)

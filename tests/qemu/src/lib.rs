@@ -13,24 +13,141 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How QEMU runs a program: the guest alone, or the guest as a TD under the
-/// TDX-module emulator.
+pub mod cli;
+pub mod initramfs;
+pub mod linux;
+
+/// How QEMU runs a program: the guest alone, the guest as a TD under the
+/// TDX-module emulator, or any kernel file either way.
 #[derive(Clone, Debug)]
 pub enum Machine {
     /// `-kernel guest`.
     Plain { guest: PathBuf },
-    /// `-kernel emulator -initrd guest`, on a CPU with SVM and nested paging.
+    /// `-kernel emulator -initrd guest`, on a CPU with SVM and nested paging;
+    /// the TD memory is the `memory=` option or the emulator's default.
     Td {
         emulator: PathBuf,
         guest: PathBuf,
         options: String,
     },
+    /// Any kernel file QEMU itself loads (our guest's PVH ELF, a Linux
+    /// bzImage), with an optional initrd: the plain-QEMU controls.
+    PlainKernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+    },
+    /// Any kernel file as a TD (see [`TdKernel`]).
+    TdKernel(TdKernel),
+}
+
+/// A kernel file booted as a TD under the TDX-module emulator.
+#[derive(Clone, Debug)]
+pub struct TdKernel {
+    pub emulator: PathBuf,
+    /// Our guest's ELF or a Linux bzImage: QEMU's `-initrd`, which the
+    /// emulator (QEMU's `-kernel`) loads into the TD.
+    pub kernel: PathBuf,
+    /// The kernel's initramfs, handed to the emulator through fw_cfg as
+    /// [`INITRAMFS_FW_CFG`] (QEMU's `-initrd` already carries the kernel).
+    pub initramfs: Option<PathBuf>,
+    /// TD memory in MiB, written as the emulator option `memory=`. `None`:
+    /// whatever `memory=` word `options` has, else the emulator's default.
+    /// Set this or a `memory=` option, not both.
+    pub memory_mib: Option<u32>,
+    /// Emulator option words (`strict`, `wrong-state=ve`, ...).
+    pub options: String,
+}
+
+/// The fw_cfg file through which the emulator receives an initramfs.
+pub const INITRAMFS_FW_CFG: &str = "opt/tdx-emulator/initrd";
+/// The emulator's TD memory when no `memory=` option is given, in MiB.
+pub const DEFAULT_TD_MEMORY_MIB: u32 = 1024;
+/// The `memory=` values the emulator accepts, in MiB.
+pub const TD_MEMORY_MIB: std::ops::RangeInclusive<u32> = 256..=1536;
+/// QEMU's RAM beyond the TD's: the emulator's own memory (its interface
+/// asks for `-m <TD MiB + 1024>M`).
+pub const EMULATOR_OWN_MEMORY_MIB: u32 = 1024;
+/// The most vCPUs the emulator runs (it refuses more with
+/// [`EXIT_BAD_INPUT`]).
+pub const MAX_TD_VCPUS: u32 = 16;
+
+impl TdKernel {
+    /// The emulator options as passed, with `memory=` first if set here.
+    pub fn emulator_options(&self) -> String {
+        let memory = self.memory_mib.map(|mib| format!("memory={mib}"));
+        memory
+            .iter()
+            .map(String::as_str)
+            .chain(self.options.split_whitespace())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The TD memory the emulator will use, in MiB, as far as the harness
+    /// can tell: the last `memory=` word (the one a last-wins parser takes),
+    /// else the default. An unparsable value counts as the default here; the
+    /// emulator refuses it itself.
+    pub fn td_memory_mib(&self) -> u32 {
+        self.emulator_options()
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("memory="))
+            .next_back()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_TD_MEMORY_MIB)
+    }
+
+    /// QEMU's `-m` in MiB. Clamped to the range the emulator accepts, so an
+    /// out-of-range `memory=` reaches the emulator (which must refuse it
+    /// with a one-line error) instead of making QEMU fail to allocate RAM.
+    pub fn qemu_memory_mib(&self) -> u32 {
+        let td = self
+            .td_memory_mib()
+            .clamp(*TD_MEMORY_MIB.start(), *TD_MEMORY_MIB.end());
+        td + EMULATOR_OWN_MEMORY_MIB
+    }
+}
+
+impl Machine {
+    /// Whether this machine runs under the TDX-module emulator.
+    pub fn is_td(&self) -> bool {
+        matches!(self, Machine::Td { .. } | Machine::TdKernel(_))
+    }
 }
 
 /// QEMU's exit status when the guest reports success.
 pub const EXIT_PASS: i32 = 33;
-/// QEMU's exit status when the guest reports failure.
+/// QEMU's exit status when the guest reports failure, or the emulator hit a
+/// fatal TD error or a TD shutdown.
 pub const EXIT_FAIL: i32 = 35;
+/// The emulator refused its input (kernel file, initramfs, vCPU count,
+/// option) after printing one line `emulator: error: <what>: <reason>`.
+/// This and the two below are `bare::exit::qemu_status(bare::exit::EXIT_*)`
+/// (bare/src/exit.rs, built only for the bare-metal target, hence copied;
+/// a unit test reads that file and checks them).
+pub const EXIT_BAD_INPUT: i32 = 37;
+/// The TD powered itself off (ACPI S5).
+pub const EXIT_TD_POWER_OFF: i32 = 65;
+/// The TD asked for a reset.
+pub const EXIT_TD_RESET: i32 = 67;
+
+/// The prefix of the one line the emulator prints when it refuses input.
+pub const EMULATOR_ERROR_PREFIX: &str = "emulator: error:";
+
+/// What a QEMU exit status means in these runs.
+pub fn describe_exit(code: Option<i32>) -> String {
+    match code {
+        None => "killed at the timeout".into(),
+        Some(0) => "QEMU exited normally (plain QEMU: the guest powered off)".into(),
+        Some(EXIT_PASS) => "the guest reported success".into(),
+        Some(EXIT_FAIL) => {
+            "failure (the guest failed, or the emulator hit a fatal TD error)".into()
+        }
+        Some(EXIT_BAD_INPUT) => "the emulator refused its input".into(),
+        Some(EXIT_TD_POWER_OFF) => "the TD powered off".into(),
+        Some(EXIT_TD_RESET) => "the TD reset".into(),
+        Some(other) => format!("QEMU exit status {other}"),
+    }
+}
 
 /// Every test the guest must report, in order.
 pub const EXPECTED_TESTS: &[&str] = &[
@@ -47,9 +164,11 @@ pub const EXPECTED_TESTS: &[&str] = &[
     "flush_window_maps_frame_as_it_is",
 ];
 
-/// The workspace root (two levels above this crate).
+/// The workspace root (two levels above this crate), without `..` where
+/// the path exists, so the paths printed are readable.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 /// The guest ELF: `$GUEST_ELF` if set (the Makefile builds it first), else
@@ -71,6 +190,46 @@ pub fn guest_legacy_elf() -> Result<PathBuf, String> {
 /// The TDX-module emulator: `$EMULATOR_ELF`, else built here.
 pub fn emulator_elf() -> Result<PathBuf, String> {
     bare_metal_elf("EMULATOR_ELF", "tdx_emulator", &[])
+}
+
+/// Where `scripts/fetch-linux-td.sh` puts its files by default.
+pub fn linux_td_cache() -> PathBuf {
+    workspace_root().join("target/linux-td")
+}
+
+/// Debian's kernel for the Linux-TD test: `$LINUX_TD_KERNEL`, else
+/// `target/linux-td/kernel`.
+pub fn linux_td_kernel() -> PathBuf {
+    env_or_cache("LINUX_TD_KERNEL", "kernel")
+}
+
+/// Debian's static busybox for the initramfs: `$LINUX_TD_BUSYBOX`, else
+/// `target/linux-td/busybox`.
+pub fn linux_td_busybox() -> PathBuf {
+    env_or_cache("LINUX_TD_BUSYBOX", "busybox")
+}
+
+/// Where the kernel and busybox came from (packages, versions, apt
+/// origins): `$LINUX_TD_SOURCE`, else `target/linux-td/SOURCE`.
+pub fn linux_td_source() -> PathBuf {
+    env_or_cache("LINUX_TD_SOURCE", "SOURCE")
+}
+
+/// The initramfs's `/init` script (committed, unlike the archive).
+pub fn linux_td_init_script() -> PathBuf {
+    workspace_root().join("linux-td/init")
+}
+
+/// Where the harness writes the initramfs it builds.
+pub fn linux_td_initramfs() -> PathBuf {
+    linux_td_cache().join("initramfs.cpio")
+}
+
+fn env_or_cache(variable: &str, file: &str) -> PathBuf {
+    match std::env::var_os(variable) {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => linux_td_cache().join(file),
+    }
 }
 
 /// `$variable` if set, else `package` built with `extra` arguments into a
@@ -128,31 +287,96 @@ pub fn qemu_command(machine: &Machine, cpus: u32, append: Option<&str>) -> Comma
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
     match machine {
         Machine::Plain { guest } => {
-            command
-                .args(["-cpu", "qemu64", "-m", "256M"])
-                .arg("-kernel")
-                .arg(guest);
-            if let Some(append) = append {
-                command.args(["-append", append]);
-            }
+            plain_kernel(&mut command, guest, None, append);
+        }
+        Machine::PlainKernel { kernel, initrd } => {
+            plain_kernel(&mut command, kernel, initrd.as_deref(), append);
         }
         Machine::Td {
             emulator,
             guest,
             options,
         } => {
-            // The emulator takes its options, then `--`, then the guest's.
-            let line = format!("{options} -- {}", append.unwrap_or(""));
-            command
-                .args(["-cpu", "qemu64,+svm,+npt,phys-bits=48", "-m", "1G"])
-                .arg("-kernel")
-                .arg(emulator)
-                .arg("-initrd")
-                .arg(guest)
-                .args(["-append", line.trim()]);
+            let td = TdKernel {
+                emulator: emulator.clone(),
+                kernel: guest.clone(),
+                initramfs: None,
+                memory_mib: None,
+                options: options.clone(),
+            };
+            td_kernel(&mut command, &td, append);
         }
+        Machine::TdKernel(td) => td_kernel(&mut command, td, append),
     }
     command
+}
+
+fn plain_kernel(command: &mut Command, kernel: &Path, initrd: Option<&Path>, append: Option<&str>) {
+    // 256M suits our guest; Linux with a small initramfs boots in it too.
+    command
+        .args(["-cpu", "qemu64", "-m", "256M"])
+        .arg("-kernel")
+        .arg(kernel);
+    if let Some(initrd) = initrd {
+        command.arg("-initrd").arg(initrd);
+    }
+    if let Some(append) = append {
+        command.args(["-append", append]);
+    }
+}
+
+fn td_kernel(command: &mut Command, td: &TdKernel, append: Option<&str>) {
+    // The emulator takes its options, then `--`, then the kernel's command
+    // line, all of it (the emulator splits at the first `--`).
+    let line = format!("{} -- {}", td.emulator_options(), append.unwrap_or(""));
+    command
+        .args(["-cpu", "qemu64,+svm,+npt,phys-bits=48"])
+        .args(["-m", &format!("{}M", td.qemu_memory_mib())])
+        .arg("-kernel")
+        .arg(&td.emulator)
+        .arg("-initrd")
+        .arg(&td.kernel);
+    if let Some(initramfs) = &td.initramfs {
+        let mut spec = std::ffi::OsString::from(format!("name={INITRAMFS_FW_CFG},file="));
+        spec.push(escape_qemu_option_value(initramfs.as_os_str()));
+        command.arg("-fw_cfg").arg(spec);
+    }
+    command.args(["-append", line.trim()]);
+}
+
+/// A value inside a QEMU `key=value,...` option: QEMU splits at commas and
+/// reads `,,` as one literal comma.
+fn escape_qemu_option_value(value: &std::ffi::OsStr) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(value.len());
+    for &byte in value.as_bytes() {
+        out.push(byte);
+        if byte == b',' {
+            out.push(b',');
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+/// `command` as a line a POSIX shell runs unchanged, for logs and docs.
+pub fn command_line(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|word| shell_quote(&word.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-+=/.,:@%".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// What a bounded run produced.
@@ -276,6 +500,14 @@ fn parse_counters(text: &str, into: &mut BTreeMap<String, u64>) {
     }
 }
 
+/// The lines of `log` in which the emulator refused its input.
+pub fn emulator_errors(log: &str) -> Vec<&str> {
+    log.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with(EMULATOR_ERROR_PREFIX))
+        .collect()
+}
+
 /// Every expected test reported ok exactly once, nothing failed or crashed,
 /// the summary agrees, and QEMU exited with the pass status.
 pub fn judge(run_exit: Option<i32>, report: &Report, expected: &[&str]) -> Result<(), String> {
@@ -374,5 +606,162 @@ mod tests {
             verdict.contains("summary") && verdict.contains("plan"),
             "{verdict}"
         );
+    }
+
+    fn args(command: &Command) -> Vec<String> {
+        command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    fn linux_td(initramfs: Option<&str>, memory_mib: Option<u32>, options: &str) -> Machine {
+        Machine::TdKernel(TdKernel {
+            emulator: "emu".into(),
+            kernel: "bzImage".into(),
+            initramfs: initramfs.map(PathBuf::from),
+            memory_mib,
+            options: options.into(),
+        })
+    }
+
+    #[test]
+    fn a_td_gets_the_emulator_s_qemu_line() {
+        let machine = linux_td(Some("/cache/initramfs.cpio"), None, "");
+        let a = args(&qemu_command(&machine, 4, Some("console=ttyS0 quiet")));
+        assert_eq!(value_of(&a, "-kernel"), ["emu"]);
+        assert_eq!(value_of(&a, "-initrd"), ["bzImage"]);
+        assert_eq!(value_of(&a, "-smp"), ["4"]);
+        assert_eq!(value_of(&a, "-cpu"), ["qemu64,+svm,+npt,phys-bits=48"]);
+        // Default TD memory (1024) plus the emulator's own 1024.
+        assert_eq!(value_of(&a, "-m"), ["2048M"]);
+        assert_eq!(
+            value_of(&a, "-fw_cfg"),
+            ["name=opt/tdx-emulator/initrd,file=/cache/initramfs.cpio"]
+        );
+        // Every word of the kernel's command line, after the separator.
+        assert_eq!(value_of(&a, "-append"), ["-- console=ttyS0 quiet"]);
+    }
+
+    #[test]
+    fn td_memory_comes_from_the_field_or_the_option() {
+        let a = args(&qemu_command(&linux_td(None, Some(256), "strict"), 1, None));
+        assert_eq!(value_of(&a, "-m"), ["1280M"]);
+        assert_eq!(value_of(&a, "-append"), ["memory=256 strict --"]);
+        assert!(value_of(&a, "-fw_cfg").is_empty());
+        let a = args(&qemu_command(
+            &linux_td(None, None, "memory=1536"),
+            1,
+            Some("x"),
+        ));
+        assert_eq!(value_of(&a, "-m"), ["2560M"]);
+        assert_eq!(value_of(&a, "-append"), ["memory=1536 -- x"]);
+        // Out of range or unparsable: the emulator must refuse it, so QEMU
+        // still gets a size it can allocate.
+        for (option, m) in [
+            ("memory=99999", "2560M"),
+            ("memory=1", "1280M"),
+            ("memory=x", "2048M"),
+        ] {
+            let a = args(&qemu_command(&linux_td(None, None, option), 1, None));
+            assert_eq!(value_of(&a, "-m"), [m], "{option}");
+        }
+        // The existing TD variant: our guest, same line.
+        let td = Machine::Td {
+            emulator: "emu".into(),
+            guest: "guest".into(),
+            options: "strict".into(),
+        };
+        let a = args(&qemu_command(&td, 2, Some("stress-rounds=3 order=legacy")));
+        assert_eq!(value_of(&a, "-initrd"), ["guest"]);
+        assert_eq!(value_of(&a, "-m"), ["2048M"]);
+        assert_eq!(
+            value_of(&a, "-append"),
+            ["strict -- stress-rounds=3 order=legacy"]
+        );
+    }
+
+    #[test]
+    fn a_comma_in_the_initramfs_path_is_escaped_for_qemu() {
+        let a = args(&qemu_command(&linux_td(Some("/a,b/fs"), None, ""), 1, None));
+        assert_eq!(
+            value_of(&a, "-fw_cfg"),
+            ["name=opt/tdx-emulator/initrd,file=/a,,b/fs"]
+        );
+    }
+
+    #[test]
+    fn plain_kernels_take_an_initrd() {
+        let machine = Machine::PlainKernel {
+            kernel: "bzImage".into(),
+            initrd: Some("fs.cpio".into()),
+        };
+        let a = args(&qemu_command(&machine, 2, Some("console=ttyS0")));
+        assert_eq!(value_of(&a, "-kernel"), ["bzImage"]);
+        assert_eq!(value_of(&a, "-initrd"), ["fs.cpio"]);
+        assert_eq!(value_of(&a, "-append"), ["console=ttyS0"]);
+        assert!(!machine.is_td());
+        assert!(linux_td(None, None, "").is_td());
+    }
+
+    #[test]
+    fn the_printed_command_line_is_shell_safe() {
+        let mut command = Command::new("qemu-system-x86_64");
+        command.args([
+            "-m",
+            "2048M",
+            "-append",
+            "strict -- console=ttyS0",
+            "it's",
+            "",
+        ]);
+        assert_eq!(
+            command_line(&command),
+            "qemu-system-x86_64 -m 2048M -append 'strict -- console=ttyS0' 'it'\\''s' ''"
+        );
+    }
+
+    /// The exit statuses copied here are the ones bare/src/exit.rs defines
+    /// (that module builds only for the bare-metal target, so it is read).
+    #[test]
+    fn exit_statuses_match_bare_exit() {
+        let path = workspace_root().join("bare/src/exit.rs");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let value = |name: &str| -> i32 {
+            let line = text
+                .lines()
+                .find(|l| l.contains(&format!("pub const {name}: u32 =")))
+                .unwrap_or_else(|| panic!("{}: no {name}", path.display()));
+            let number = line.split('=').nth(1).unwrap().trim().trim_end_matches(';');
+            let code = match number.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => number.parse(),
+            }
+            .unwrap_or_else(|e| panic!("{name} = {number}: {e}"));
+            ((code << 1) | 1) as i32 // bare::exit::qemu_status
+        };
+        assert_eq!(value("EXIT_SUCCESS"), EXIT_PASS);
+        assert_eq!(value("EXIT_FAILURE"), EXIT_FAIL);
+        assert_eq!(value("EXIT_BAD_INPUT"), EXIT_BAD_INPUT);
+        assert_eq!(value("EXIT_TD_POWER_OFF"), EXIT_TD_POWER_OFF);
+        assert_eq!(value("EXIT_TD_RESET"), EXIT_TD_RESET);
+    }
+
+    #[test]
+    fn emulator_errors_are_found_in_a_log() {
+        let log =
+            "emulator: starting\nemulator: error: kernel: not an ELF or a bzImage\nTDXEMU a=1\n";
+        assert_eq!(
+            emulator_errors(log),
+            ["emulator: error: kernel: not an ELF or a bzImage"]
+        );
+        assert!(emulator_errors("emulator: errors: none\n").is_empty());
     }
 }

@@ -1,58 +1,106 @@
-//! `make run`: boots the guest under QEMU with the harness's command line
-//! and streams its serial console.
+//! `make run`, `make run-td`, `make run-linux-td`: boots a kernel under QEMU
+//! with the harness's command line and streams its serial console.
 //!
-//! Usage: `run-guest [CPUS] [--td [EMULATOR OPTION...]] [-- GUEST COMMAND LINE]`.
-//! With `--td` the guest runs as a TD under the TDX-module emulator.
+//! Usage: `run-guest [CPUS] [--td [EMULATOR OPTION...]] [--kernel FILE]
+//! [--initrd FILE] [--timeout SECONDS] [-- KERNEL COMMAND LINE...]`.
+//! Without `--kernel`, our guest; with `--td`, the kernel runs as a TD
+//! under the TDX-module emulator. Every word after `--` is the kernel's
+//! command line. It prints the QEMU command line it runs, and exits 0 when
+//! the guest reported success or (a kernel of the caller's) powered off.
 
-use qemu_harness::Machine;
-use std::process::ExitCode;
+use qemu_harness::cli::{self, Args, USAGE};
+use qemu_harness::{Machine, TdKernel, EXIT_PASS, EXIT_TD_POWER_OFF};
+use std::process::{ExitCode, Stdio};
+use std::time::Instant;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (ours, append) = match args.iter().position(|a| a == "--") {
-        Some(i) => (&args[..i], args.get(i + 1).map(String::as_str)),
-        None => (&args[..], None),
-    };
-    let cpus: u32 = ours.iter().find_map(|a| a.parse().ok()).unwrap_or(4);
-    let td_options: Option<Vec<&str>> = ours.iter().position(|a| a == "--td").map(|i| {
-        ours[i + 1..]
-            .iter()
-            .map(String::as_str)
-            .filter(|a| a.parse::<u32>().is_err())
-            .collect()
-    });
-    let machine = match build(td_options) {
-        Ok(machine) => machine,
+    let words: Vec<String> = std::env::args().skip(1).collect();
+    // Every refusal is one line naming what is wrong, before anything is
+    // built or started.
+    let args = match cli::parse(&words).and_then(|a| cli::check_files(&a).map(|()| a)) {
+        Ok(args) => args,
         Err(e) => {
-            eprintln!("run-guest: {e}");
+            eprintln!("run-guest: error: {e}\n{USAGE}");
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("run-guest: booting with {cpus} vCPUs (TCG): {machine:?}");
-    match qemu_harness::qemu_command(&machine, cpus, append).status() {
-        Ok(status) if status.code() == Some(qemu_harness::EXIT_PASS) => {
-            eprintln!("run-guest: guest reported success");
-            ExitCode::SUCCESS
-        }
-        Ok(status) => {
-            eprintln!("run-guest: guest failed ({status})");
-            ExitCode::FAILURE
-        }
+    let machine = match build(&args) {
+        Ok(machine) => machine,
         Err(e) => {
-            eprintln!("run-guest: starting qemu-system-x86_64: {e}");
-            ExitCode::FAILURE
+            eprintln!("run-guest: error: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    let mut command = qemu_harness::qemu_command(&machine, args.cpus, args.append.as_deref());
+    eprintln!(
+        "run-guest: {} vCPUs (TCG), timeout {} s:\n  {}",
+        args.cpus,
+        args.timeout.as_secs(),
+        qemu_harness::command_line(&command)
+    );
+    // The console streams straight to the terminal; only the timeout needs
+    // watching here.
+    let started = Instant::now();
+    let mut child = match command.stdin(Stdio::null()).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("run-guest: error: starting qemu-system-x86_64: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if started.elapsed() > args.timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => {
+                eprintln!("run-guest: error: waiting for QEMU: {e}");
+                let _ = child.kill();
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let meaning = qemu_harness::describe_exit(code);
+    eprintln!(
+        "run-guest: QEMU exit status {code:?} after {:.1?}: {meaning}",
+        started.elapsed()
+    );
+    // Success: our guest's pass status; for a kernel of the caller's, its
+    // power-off (the TD's, or plain QEMU quitting normally).
+    let success = match code {
+        Some(EXIT_PASS) => true,
+        Some(EXIT_TD_POWER_OFF) => machine.is_td(),
+        Some(0) => args.kernel.is_some() && !machine.is_td(),
+        _ => false,
+    };
+    if success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
-fn build(td_options: Option<Vec<&str>>) -> Result<Machine, String> {
-    let guest = qemu_harness::guest_elf()?;
-    Ok(match td_options {
-        None => Machine::Plain { guest },
-        Some(options) => Machine::Td {
-            emulator: qemu_harness::emulator_elf()?,
-            guest,
-            options: options.join(" "),
+fn build(args: &Args) -> Result<Machine, String> {
+    let kernel = match &args.kernel {
+        Some(kernel) => kernel.clone(),
+        None => qemu_harness::guest_elf()?,
+    };
+    Ok(match &args.td {
+        None if args.kernel.is_none() && args.initrd.is_none() => Machine::Plain { guest: kernel },
+        None => Machine::PlainKernel {
+            kernel,
+            initrd: args.initrd.clone(),
         },
+        Some(options) => Machine::TdKernel(TdKernel {
+            emulator: qemu_harness::emulator_elf()?,
+            kernel,
+            initramfs: args.initrd.clone(),
+            memory_mib: None,
+            options: options.join(" "),
+        }),
     })
 }
