@@ -34,6 +34,10 @@ pub const DSDT_OFFSET: usize = 416;
 pub const MADT_OFFSET: usize = 512;
 
 /// The hardware-reduced sleep control register (FADT SLEEP_CONTROL_REG).
+/// FADT IAPC_BOOT_ARCH: offset and flags (ACPI 6.5 table 5.11).
+const IAPC_BOOT_ARCH_OFFSET: usize = 109;
+const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 pub const SLEEP_CONTROL_PORT: u16 = 0x604;
 /// The hardware-reduced sleep status register (FADT SLEEP_STATUS_REG).
 pub const SLEEP_STATUS_PORT: u16 = 0x605;
@@ -229,6 +233,14 @@ pub fn build_acpi(
         buffer,
         FADT_OFFSET + fadt::FLAGS,
         &(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP).to_le_bytes(),
+    )?;
+    // IAPC_BOOT_ARCH (5.2.9.3): no VGA, no CMOS RTC (the TD has neither;
+    // Linux then skips its RTC reads, arch/x86/kernel/rtc.c), and the 8042
+    // bit clear: no keyboard controller.
+    put(
+        buffer,
+        FADT_OFFSET + IAPC_BOOT_ARCH_OFFSET,
+        &(IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).to_le_bytes(),
     )?;
     put(buffer, FADT_OFFSET + fadt::RESET_REG, &gas_io8(RESET_PORT))?;
     put(buffer, FADT_OFFSET + fadt::RESET_VALUE, &[RESET_VALUE])?;

@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod bzimage;
+pub mod control_regs;
 pub mod cpuid;
 pub mod elf;
 pub mod events;

@@ -20,6 +20,8 @@ pub mod exit_reason {
     pub const HLT: u32 = 12;
     /// INVD (a #VE in a TD whatever the configuration).
     pub const INVD: u32 = 13;
+    /// Control-register access (a CR0/CR4 write the TDX module does not allow).
+    pub const CR_ACCESS: u32 = 28;
     /// IN/OUT (and INS/OUTS).
     pub const IO: u32 = 30;
     /// RDMSR.

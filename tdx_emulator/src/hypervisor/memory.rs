@@ -1,6 +1,6 @@
 //! The emulator's own memory (the boot identity map, a bump allocator) and
-//! the TD's: guest-physical `[0, TD_BYTES)` backed by host-physical
-//! `[td_base, td_base + TD_BYTES)`, reached through nested tables that map a
+//! the TD's: guest-physical `[0, bytes)` backed by host-physical
+//! `[base, base + bytes)`, reached through nested tables that map a
 //! page's private alias only while it is private-accepted and its shared
 //! alias (bit 47) only while it is shared.
 
@@ -11,10 +11,10 @@ use pagetable::{
 use spin::Mutex;
 use tdx_emulator::model::{Backing, PageState};
 
-/// Bytes of TD memory.
-pub const TD_BYTES: u64 = 256 << 20;
-/// Pages of TD memory.
-pub const TD_PAGES: usize = (TD_BYTES / 4096) as usize;
+/// The most TD memory the emulator offers (the `memory=` option's limit).
+pub const MAX_TD_BYTES: u64 = 1536 << 20;
+/// Pages of the largest TD.
+pub const MAX_TD_PAGES: usize = (MAX_TD_BYTES / 4096) as usize;
 
 /// Page-table memory through the boot identity map (all RAM below 4 GiB).
 pub type Identity = bare::physmem::MappedTables;
@@ -68,12 +68,14 @@ impl TableAllocator for Frames {
 pub static FRAMES: Frames = Frames::new();
 
 /// Page states of the TD, one byte per 4K page.
-pub static PAGE_STATES: [AtomicU8; TD_PAGES] = [const { AtomicU8::new(0) }; TD_PAGES];
+pub static PAGE_STATES: [AtomicU8; MAX_TD_PAGES] = [const { AtomicU8::new(0) }; MAX_TD_PAGES];
 
 /// The TD's memory and nested tables.
 pub struct TdMemory {
     /// Host-physical address of guest-physical 0.
     pub base: u64,
+    /// Bytes of TD memory.
+    pub bytes: u64,
     pub nested: PageTables<Identity>,
     pub shared_bit: u64,
 }
@@ -84,10 +86,11 @@ fn nested_flags() -> PteFlags {
 }
 
 impl TdMemory {
-    pub fn new(base: u64, shared_bit: u64) -> Option<TdMemory> {
+    pub fn new(base: u64, bytes: u64, shared_bit: u64) -> Option<TdMemory> {
         let root = FRAMES.allocate()?;
         Some(TdMemory {
             base,
+            bytes,
             nested: PageTables::new(
                 IDENTITY,
                 PhysAddr(root),
@@ -104,7 +107,7 @@ impl TdMemory {
 
     /// Host-physical address of `gpa` (no shared bit), if it is TD memory.
     pub fn host_address(&self, gpa: u64) -> Option<u64> {
-        (gpa < TD_BYTES).then_some(self.base + gpa)
+        (gpa < self.bytes).then_some(self.base + gpa)
     }
 
     fn ensure(&self, alias: u64, hpa: u64, present: bool) {
@@ -128,7 +131,7 @@ impl TdMemory {
     /// Copies `bytes` into TD memory at `gpa`.
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
         assert!(
-            gpa + bytes.len() as u64 <= TD_BYTES,
+            gpa + bytes.len() as u64 <= self.bytes,
             "write outside TD memory"
         );
         // SAFETY: the range is TD memory (checked), identity-mapped RAM that
@@ -144,7 +147,7 @@ impl TdMemory {
 
     /// A view of TD memory at `gpa` for building firmware structures.
     pub fn slice_mut(&self, gpa: u64, len: usize) -> &'static mut [u8] {
-        assert!(gpa + len as u64 <= TD_BYTES, "slice outside TD memory");
+        assert!(gpa + len as u64 <= self.bytes, "slice outside TD memory");
         // SAFETY: TD memory, identity-mapped; only used while setting the TD
         // up, before any vCPU runs, one slice at a time.
         unsafe { core::slice::from_raw_parts_mut((self.base + gpa) as *mut u8, len) }
@@ -159,7 +162,7 @@ impl Backing for TdMemory {
     }
 
     fn zero_page(&self, gpa: u64) {
-        if gpa < TD_BYTES {
+        if gpa < self.bytes {
             // SAFETY: a TD page, identity-mapped; the guest has no mapping
             // to it at this moment (it is being converted or accepted).
             unsafe { core::ptr::write_bytes((self.base + gpa) as *mut u8, 0, 4096) };

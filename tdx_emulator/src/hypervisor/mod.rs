@@ -1,21 +1,29 @@
-//! The emulator on the machine: boot, set up the TD, start one vCPU per CPU.
+//! The emulator on the machine: boot, load the TD's kernel as TD firmware
+//! would, and start one vCPU per CPU.
 
+mod clock;
+mod devices;
+mod fwcfg;
 mod memory;
 mod svm;
+mod vapic;
 mod vcpu;
 
 use bare::apic::Apic;
 use bare::bootinfo::BootInfo;
 use bare::println;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use memory::{TdMemory, FRAMES, PAGE_STATES, TD_BYTES};
-use tdx_emulator::firmware::{self, MemoryRange};
+use memory::{TdMemory, FRAMES, MAX_TD_BYTES, PAGE_STATES};
+use tdx_emulator::bzimage::{self, BzImage, E820Entry, KernelFormat};
+use tdx_emulator::firmware;
 use tdx_emulator::model::{exit_reason, Counters, Options, PageState, TdModel};
 
 /// Host-physical address of the TD's guest-physical 0.
 const TD_BASE: u64 = 512 << 20;
 /// TDX GPAW: shared bit 47.
 const GPAW: u8 = 48;
+/// The fw_cfg file that carries the TD's initramfs.
+const INITRD_FILE: &str = "opt/tdx-emulator/initrd";
 
 static COUNTERS: Counters = Counters::new();
 static TD: spin::Once<TdModel<'static>> = spin::Once::new();
@@ -27,26 +35,43 @@ static CPU_TABLES: [spin::Once<bare::gdt::CpuTables>; vcpu::MAX_VCPUS] =
 pub static TD_VCPUS: AtomicUsize = AtomicUsize::new(1);
 static IOPM: AtomicU64 = AtomicU64::new(0);
 static MSRPM: AtomicU64 = AtomicU64::new(0);
+/// This machine's APIC timer interrupt: ends guest mode or a HLT when a
+/// vCPU's timer deadline comes.
+pub const TIMER_VECTOR: u8 = 0xf3;
 
-/// Where the firmware structures live in the TD (all in the reserved
-/// `[0xe0000, 0x100000)` window of its memory map).
+/// Where the firmware structures live in the TD: all in `[0xe0000,
+/// 0x100000)`, which the memory map lists as ACPI NVS, so Linux maps it
+/// private (arch/x86/mm/ioremap.c: NVS is IORES_DESC_ACPI_NV_STORAGE) and
+/// never allocates from it.
 #[derive(Clone, Copy)]
 pub struct FirmwareLayout {
+    /// RSDP, XSDT, MADT, FADT, DSDT (two pages).
     pub acpi: u64,
     pub mailbox: u64,
-    pub start_info: u64,
-    /// Identity map of the low 4 GiB for APs woken through the mailbox.
-    pub ap_tables: u64,
+    /// The Linux boot_params ("zero page").
+    pub boot_params: u64,
+    pub command_line: u64,
+    /// Two GDTs: the boot vCPU's (code 0x10, data 0x18, as the Linux 64-bit
+    /// boot protocol requires) and the mailbox APs' (code 0x08, data 0x10).
+    pub boot_gdt: u64,
     pub ap_gdt: u64,
+    /// Identity map of the low 4 GiB (PML4, PDPT, four directories).
+    pub ap_tables: u64,
 }
 
 const LAYOUT: FirmwareLayout = FirmwareLayout {
     acpi: 0xe_0000,
-    mailbox: 0xe_1000,
-    start_info: 0xe_2000,
-    ap_tables: 0xe_3000,
-    ap_gdt: 0xe_9000,
+    mailbox: 0xe_2000,
+    boot_params: 0xe_3000,
+    command_line: 0xe_4000,
+    boot_gdt: 0xe_5000,
+    ap_gdt: 0xe_5040,
+    ap_tables: 0xe_6000,
 };
+const FIRMWARE_START: u64 = 0xe_0000;
+const FIRMWARE_END: u64 = 0x10_0000;
+const ACPI_BYTES: usize = 2 * 4096;
+const COMMAND_LINE_BYTES: usize = 4096;
 
 pub fn firmware_layout() -> FirmwareLayout {
     LAYOUT
@@ -60,34 +85,123 @@ extern "C" {
     static __kernel_end: u8;
 }
 
+/// Refuses the emulator's input with one line and QEMU status 37.
+fn refuse(what: &str, why: impl core::fmt::Display) -> ! {
+    println!("emulator: error: {what}: {why}");
+    bare::exit::qemu_exit(bare::exit::EXIT_BAD_INPUT)
+}
+
 fn command_line(pa: u64) -> &'static str {
     if pa == 0 {
         return "";
     }
     let mut len = 0;
     // SAFETY: QEMU's NUL-terminated command line, identity-mapped; bounded.
-    while len < 1024 && unsafe { core::ptr::read_volatile((pa + len) as *const u8) } != 0 {
+    while len < 4096 && unsafe { core::ptr::read_volatile((pa + len) as *const u8) } != 0 {
         len += 1;
     }
     // SAFETY: the `len` bytes just scanned.
     let bytes = unsafe { core::slice::from_raw_parts(pa as *const u8, len as usize) };
-    core::str::from_utf8(bytes).unwrap_or("")
+    core::str::from_utf8(bytes).unwrap_or_else(|_| refuse("command line", "not UTF-8"))
 }
 
-/// Emulator options before `--`, the guest's command line after it.
+/// Emulator options before the first `--` word, the kernel's command line
+/// (every word) after it.
 fn parse_options(line: &'static str) -> (Options, &'static str) {
-    let (ours, guest) = line.split_once("--").unwrap_or((line, ""));
+    let (ours, kernel) = match line.find(" -- ") {
+        Some(i) => (&line[..i], &line[i + 4..]),
+        None if line.trim() == "--" => ("", ""),
+        None => match line.strip_suffix(" --") {
+            Some(ours) => (ours, ""),
+            None => match line.strip_prefix("-- ") {
+                Some(kernel) => ("", kernel),
+                None => (line, ""),
+            },
+        },
+    };
     let mut options = Options::default();
     for word in ours.split_whitespace() {
-        match word {
-            "strict" => options.strict = true,
-            "lazy" => options.strict = false,
-            "mapgpa-retry-every-page" => options.map_gpa_retry_every_page = true,
-            "refuse-large-accept" => options.refuse_large_accept = true,
-            other => panic!("unknown emulator option {other:?}"),
+        if let Err(e) = options.parse_word(word) {
+            refuse("option", e);
         }
     }
-    (options, guest.trim())
+    (options, kernel.trim())
+}
+
+/// What the TD boots.
+struct Kernel {
+    entry: u64,
+    /// Guest-physical ranges the launch image occupies (accepted even when
+    /// the rest of RAM starts pending).
+    image: (u64, u64),
+    bz: Option<BzImage<'static>>,
+}
+
+fn load_kernel(file: &'static [u8], memory: &TdMemory) -> Kernel {
+    let what = "kernel file (-initrd)";
+    match bzimage::detect(file).unwrap_or_else(|e| refuse(what, e)) {
+        KernelFormat::BzImage => {
+            let bz = BzImage::parse(file).unwrap_or_else(|e| refuse(what, e));
+            bz.check_fits(memory.bytes)
+                .unwrap_or_else(|e| refuse(what, e));
+            let load = bz.load_address();
+            memory.write(load, bz.payload());
+            Kernel {
+                entry: bz.entry_64(),
+                image: (load, bz.kernel_end()),
+                bz: Some(bz),
+            }
+        }
+        KernelFormat::Elf => {
+            let image = tdx_emulator::elf::parse(file).unwrap_or_else(|e| refuse(what, e));
+            let (mut low, mut high) = (u64::MAX, 0);
+            for segment in &image.segments[..image.segment_count] {
+                let end = segment.paddr.saturating_add(segment.memory_size);
+                if end > memory.bytes || segment.paddr < FIRMWARE_END {
+                    refuse(what, "an ELF segment lies outside TD RAM above 1 MiB");
+                }
+                let bytes =
+                    &file[segment.offset as usize..(segment.offset + segment.file_size) as usize];
+                memory.write(segment.paddr, bytes);
+                memory
+                    .slice_mut(
+                        segment.paddr + segment.file_size,
+                        (segment.memory_size - segment.file_size) as usize,
+                    )
+                    .fill(0);
+                low = low.min(segment.paddr);
+                high = high.max(end);
+            }
+            Kernel {
+                entry: image.entry,
+                image: (low, high),
+                bz: None,
+            }
+        }
+    }
+}
+
+/// The TD's memory map: RAM below 640 KiB (Linux puts its real-mode
+/// trampoline there, arch/x86/realmode/init.c), the firmware window as ACPI
+/// NVS, RAM from 1 MiB to the end of TD memory.
+fn memory_map(bytes: u64) -> [E820Entry; 3] {
+    [
+        E820Entry {
+            addr: 0,
+            size: 0xa_0000,
+            kind: bzimage::E820_RAM,
+        },
+        E820Entry {
+            addr: FIRMWARE_START,
+            size: FIRMWARE_END - FIRMWARE_START,
+            kind: bzimage::E820_NVS,
+        },
+        E820Entry {
+            addr: FIRMWARE_END,
+            size: bytes - FIRMWARE_END,
+            kind: bzimage::E820_RAM,
+        },
+    ]
 }
 
 #[no_mangle]
@@ -95,129 +209,161 @@ extern "C" fn bare_main(start_info: u64) -> ! {
     println!("emulator: booted");
     let info = BootInfo::parse(&bare::bootinfo::IdentityMapped, start_info)
         .unwrap_or_else(|e| panic!("start info: {e:?}"));
-    let (options, guest_line) = parse_options(command_line(info.cmdline));
-    let (module, module_size) = info
-        .first_module
-        .expect("no guest kernel: pass it with -initrd");
+    let (options, kernel_line) = parse_options(command_line(info.cmdline));
+    let (module, module_size) = info.first_module.unwrap_or_else(|| {
+        refuse(
+            "kernel file",
+            "none given: pass the TD's kernel with -initrd",
+        )
+    });
     // SAFETY: QEMU loaded the module there; identity-mapped, not written.
-    let guest_elf =
+    let kernel_file =
         unsafe { core::slice::from_raw_parts(module as *const u8, module_size as usize) };
     assert!(
         svm::supported(),
         "this CPU has no SVM with nested paging (use -cpu qemu64,+svm,+npt)"
     );
+    let td_bytes = u64::from(options.memory_mib) << 20;
+    assert!(td_bytes <= MAX_TD_BYTES, "memory option checked when parsed");
     let td_ram = info
         .ram()
-        .any(|r| r.start <= TD_BASE && TD_BASE + TD_BYTES <= r.end());
-    assert!(
-        td_ram,
-        "the TD needs RAM at [{TD_BASE:#x}, {:#x}): use -m 1G",
-        TD_BASE + TD_BYTES
-    );
-    assert!(
-        module >= TD_BASE + TD_BYTES || module + module_size <= TD_BASE,
-        "the guest image overlaps TD memory"
-    );
+        .any(|r| r.start <= TD_BASE && TD_BASE + td_bytes <= r.end());
+    if !td_ram {
+        refuse(
+            "memory",
+            format_args!(
+                "a TD of {} MiB needs host RAM at [{TD_BASE:#x}, {:#x}): give QEMU -m {}M or more",
+                td_bytes >> 20,
+                TD_BASE + td_bytes,
+                (td_bytes >> 20) + 1024
+            ),
+        );
+    }
+    if module < TD_BASE + td_bytes && module + module_size > TD_BASE {
+        refuse(
+            "kernel file",
+            "QEMU placed it inside TD memory: give QEMU more memory (-m)",
+        );
+    }
     let image_end = core::ptr::addr_of!(__kernel_end) as u64;
     FRAMES.set_range(image_end.max(2 << 20), TD_BASE.min(module));
 
     let madt = bare::acpi::parse_madt(&bare::bootinfo::IdentityMapped, info.rsdp)
         .unwrap_or_else(|e| panic!("ACPI: {e:?}"));
-    let mut apic_ids = [0u32; vcpu::MAX_VCPUS];
-    let cpus = madt
-        .enabled_apic_ids_into(&mut apic_ids)
-        .min(vcpu::MAX_VCPUS);
+    let mut apic_ids = [0u32; 256];
+    let cpus = madt.enabled_apic_ids_into(&mut apic_ids);
+    if cpus > vcpu::MAX_VCPUS {
+        refuse(
+            "vCPUs",
+            format_args!("{cpus} CPUs (-smp), at most {} vCPUs", vcpu::MAX_VCPUS),
+        );
+    }
 
     let memory = MEMORY.call_once(|| {
-        TdMemory::new(TD_BASE, 1 << (GPAW - 1)).expect("no memory for nested tables")
+        TdMemory::new(TD_BASE, td_bytes, 1 << (GPAW - 1)).expect("no memory for nested tables")
     });
-    let td = TD.call_once(|| TdModel::new(&PAGE_STATES, GPAW, cpus as u32, options, &COUNTERS));
-    let image = tdx_emulator::elf::parse(guest_elf).unwrap_or_else(|e| panic!("guest ELF: {e:?}"));
-
-    // Launch image: the low 1 MiB (firmware) and the kernel's segments are
-    // accepted; the rest of RAM is pending in strict mode.
-    let rest = if options.strict {
+    let pages = (td_bytes / 4096) as usize;
+    let td =
+        TD.call_once(|| TdModel::new(&PAGE_STATES[..pages], GPAW, cpus as u32, options, &COUNTERS));
+    // All of RAM accepted (as TD firmware leaves it for a kernel without
+    // an EFI unaccepted-memory table), or pending but for the launch image.
+    let rest = if options.pending_ram {
         PageState::Pending
     } else {
         PageState::Private
     };
-    td.initialise(0, TD_BYTES, rest, memory);
-    td.initialise(0, 1 << 20, PageState::Private, memory);
-    for segment in &image.segments[..image.segment_count] {
-        td.initialise(
-            segment.paddr,
-            segment.paddr + segment.memory_size,
-            PageState::Private,
-            memory,
-        );
-        let bytes =
-            &guest_elf[segment.offset as usize..(segment.offset + segment.file_size) as usize];
-        memory.write(segment.paddr, bytes);
-        let zeros = memory.slice_mut(
-            segment.paddr + segment.file_size,
-            (segment.memory_size - segment.file_size) as usize,
-        );
-        zeros.fill(0);
+    td.initialise(0, td_bytes, rest, memory);
+    td.initialise(0, FIRMWARE_END, PageState::Private, memory);
+
+    let kernel = load_kernel(kernel_file, memory);
+    td.initialise(kernel.image.0, kernel.image.1, PageState::Private, memory);
+    let initrd = load_initrd(kernel.bz.as_ref(), kernel.image.1, memory);
+    if let Some((start, size)) = initrd {
+        td.initialise(start, start + size, PageState::Private, memory);
     }
-    build_firmware(memory, cpus, guest_line);
+    build_firmware(memory, cpus, kernel_line, kernel.bz.as_ref(), initrd);
     println!(
-        "emulator: TD of {} MiB, GPAW {GPAW}, {cpus} vCPU(s), {} mode{}{}; guest entry {:#x}, command line {guest_line:?}",
-        TD_BYTES >> 20,
-        if options.strict { "strict" } else { "lazy" },
+        "emulator: TD of {} MiB, GPAW {GPAW}, {cpus} vCPU(s), RAM {}, wrong-state policy {:?}{}{}; entry {:#x}, {} kernel of {} KiB, initramfs {} KiB, command line {kernel_line:?}",
+        td_bytes >> 20,
+        if options.pending_ram { "pending" } else { "accepted" },
+        options.wrong_state,
         if options.map_gpa_retry_every_page { ", MapGPA RETRY every page" } else { "" },
         if options.refuse_large_accept { ", 2M/1G ACCEPT refused" } else { "" },
-        image.pvh_entry
+        kernel.entry,
+        if kernel.bz.is_some() { "bzImage" } else { "ELF" },
+        module_size >> 10,
+        initrd.map_or(0, |(_, size)| size >> 10),
     );
-    build_permission_maps(options.strict);
+    build_permission_maps();
 
     start_cpus(&apic_ids[..cpus]);
+    vapic::set_vcpu_count(TD_VCPUS.load(Ordering::SeqCst));
+    clock::calibrate(APIC.get().expect("APIC set up by start_cpus"));
+    println!(
+        "emulator: TSC {} MHz, APIC timer {} MHz",
+        clock::tsc_hz() / 1_000_000,
+        clock::apic_timer_hz() / 1_000_000
+    );
     bare::cpu::enable_interrupts();
     vcpu::run(
         0,
         memory,
-        vcpu::Start::Pvh {
-            entry: image.pvh_entry,
-            start_info: firmware_layout().start_info,
+        vcpu::Start::Boot64 {
+            entry: kernel.entry,
+            boot_params: LAYOUT.boot_params,
         },
     )
 }
 
-fn build_firmware(memory: &TdMemory, vcpus: usize, guest_line: &str) {
+/// The initramfs from fw_cfg, placed where the boot protocol allows.
+fn load_initrd(bz: Option<&BzImage>, kernel_end: u64, memory: &TdMemory) -> Option<(u64, u64)> {
+    let file = fwcfg::find(INITRD_FILE)?;
+    let size = u64::from(file.size);
+    let gpa = bzimage::place_initrd(bz, memory.bytes, kernel_end, size)
+        .unwrap_or_else(|e| refuse(INITRD_FILE, e));
+    // SAFETY: `[gpa, gpa + size)` is TD memory (place_initrd keeps it below
+    // memory.bytes), identity-mapped, and no vCPU runs yet.
+    unsafe { fwcfg::read_to(file, memory.base + gpa) }.unwrap_or_else(|e| refuse(INITRD_FILE, e));
+    Some((gpa, size))
+}
+
+fn build_firmware(
+    memory: &TdMemory,
+    vcpus: usize,
+    kernel_line: &str,
+    bz: Option<&BzImage>,
+    initrd: Option<(u64, u64)>,
+) {
     let layout = firmware_layout();
     let ids: [u32; vcpu::MAX_VCPUS] = core::array::from_fn(|i| i as u32);
-    let rsdp = firmware::build_acpi(
-        memory.slice_mut(layout.acpi, 4096),
+    let acpi = firmware::build_acpi(
+        memory.slice_mut(layout.acpi, ACPI_BYTES),
         layout.acpi,
         &ids[..vcpus],
         layout.mailbox,
     )
-    .expect("ACPI tables fit a page");
-    let map = [
-        MemoryRange {
-            start: 0,
-            length: 0xa_0000,
-            kind: 1,
-        },
-        MemoryRange {
-            start: 0xe_0000,
-            length: 0x2_0000,
-            kind: 2,
-        },
-        MemoryRange {
-            start: 0x10_0000,
-            length: TD_BYTES - 0x10_0000,
-            kind: 1,
-        },
-    ];
-    firmware::build_start_info(
-        memory.slice_mut(layout.start_info, 4096),
-        layout.start_info,
-        &map,
-        rsdp,
-        guest_line.as_bytes(),
+    .expect("ACPI tables for 16 vCPUs fit two pages");
+    let line = kernel_line.as_bytes();
+    if line.len() >= COMMAND_LINE_BYTES {
+        refuse("command line", "longer than 4095 bytes");
+    }
+    if let Some(bz) = bz {
+        bz.check_cmdline(line)
+            .unwrap_or_else(|e| refuse("command line", e));
+    }
+    memory.write(layout.command_line, line);
+    memory.write(layout.command_line + line.len() as u64, &[0]);
+    bzimage::build_boot_params(
+        memory.slice_mut(layout.boot_params, 4096),
+        bz,
+        &memory_map(memory.bytes),
+        layout.command_line,
+        initrd,
+        acpi.rsdp,
     )
-    .expect("start info fits a page");
-    // APs woken through the mailbox run on an identity map of the low 4 GiB.
+    .unwrap_or_else(|e| refuse("command line", e));
+    // APs woken through the mailbox, and the boot vCPU until it loads its
+    // own, run on an identity map of the low 4 GiB.
     let pml4 = layout.ap_tables;
     let pdpt = pml4 + 0x1000;
     let put = |gpa: u64, value: u64| memory.write(gpa, &value.to_le_bytes());
@@ -229,44 +375,29 @@ fn build_firmware(memory: &TdMemory, vcpus: usize, guest_line: &str) {
             put(directory + entry * 8, ((gib << 30) + (entry << 21)) | 0x83);
         }
     }
-    for (i, descriptor) in [0u64, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff]
-        .iter()
-        .enumerate()
-    {
+    const CODE64: u64 = 0x00af_9a00_0000_ffff;
+    const DATA: u64 = 0x00cf_9200_0000_ffff;
+    for (i, descriptor) in [0, 0, CODE64, DATA].iter().enumerate() {
+        put(layout.boot_gdt + i as u64 * 8, *descriptor);
+    }
+    for (i, descriptor) in [0, CODE64, DATA, 0].iter().enumerate() {
         put(layout.ap_gdt + i as u64 * 8, *descriptor);
     }
 }
 
-/// MSRs a TD reaches natively even in strict mode (context-switched by the
-/// TDX module, no #VE).
-const NATIVE_MSRS: [u32; 13] = [
-    0x10,
-    0x174,
-    0x175,
-    0x176,
-    0x277,
-    0xc000_0080,
-    0xc000_0081,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0084,
-    0xc000_0100,
-    0xc000_0101,
-    0xc000_0102,
-];
-
-pub fn is_apic_msr(msr: u32) -> bool {
-    msr == 0x1b || (0x800..=0x8ff).contains(&msr)
-}
-
-fn build_permission_maps(strict: bool) {
-    // Every port is intercepted: lazy mode emulates, strict mode raises #VE.
+/// Intercepts every port (port IO always #VEs in a TD) and every MSR but
+/// those the TDX module leaves to the CPU and TCG implements as it would
+/// (tdx_emulator::msr::passes_through).
+fn build_permission_maps() {
     let iopm = FRAMES.allocate_contiguous(3).expect("IOPM");
     // SAFETY: the three frames just allocated, identity-mapped.
     unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xff, 3 * 4096) };
     IOPM.store(iopm, Ordering::SeqCst);
     let msrpm = FRAMES.allocate_contiguous(2).expect("MSRPM");
-    let intercept = |msr: u32| {
+    // SAFETY: the two frames just allocated, identity-mapped: every MSR
+    // access intercepted, including those outside the bitmap's ranges.
+    unsafe { core::ptr::write_bytes(msrpm as *mut u8, 0xff, 2 * 4096) };
+    let pass = |msr: u32, write: bool| {
         let (base, index) = match msr {
             0..=0x1fff => (0, msr),
             0xc000_0000..=0xc000_1fff => (0x800, msr - 0xc000_0000),
@@ -274,16 +405,18 @@ fn build_permission_maps(strict: bool) {
             _ => return,
         };
         let byte = msrpm + base + u64::from(index) * 2 / 8;
-        let bits = 0b11 << ((index * 2) % 8);
+        let bit = 1 << ((index * 2) % 8 + u32::from(write));
         // SAFETY: inside the two MSRPM frames just allocated.
-        unsafe { *(byte as *mut u8) |= bits };
+        unsafe { *(byte as *mut u8) &= !bit };
     };
     for msr in (0..=0x1fffu32)
         .chain(0xc000_0000..=0xc000_1fff)
         .chain(0xc001_0000..=0xc001_1fff)
     {
-        if is_apic_msr(msr) || (strict && !NATIVE_MSRS.contains(&msr)) {
-            intercept(msr);
+        for write in [false, true] {
+            if tdx_emulator::msr::passes_through(msr, write) {
+                pass(msr, write);
+            }
         }
     }
     MSRPM.store(msrpm, Ordering::SeqCst);
@@ -335,90 +468,6 @@ pub unsafe fn port_io(port: u16, size: u8, write: bool, value: u32) -> Option<u3
     None
 }
 
-/// The TD's virtual x2APIC state.
-static APIC_SVR: [AtomicU64; vcpu::MAX_VCPUS] = [const { AtomicU64::new(0xff) }; vcpu::MAX_VCPUS];
-static APIC_TPR: [AtomicU64; vcpu::MAX_VCPUS] = [const { AtomicU64::new(0) }; vcpu::MAX_VCPUS];
-
-/// What a write to an APIC MSR asks for.
-pub enum ApicWrite {
-    Done,
-    Refused,
-    /// Fixed interrupt `vector` to the vCPUs in `targets`.
-    Ipi {
-        targets: VcpuSet,
-        vector: u8,
-    },
-}
-
-/// A set of vCPUs.
-#[derive(Clone, Copy)]
-pub struct VcpuSet(u64);
-
-impl VcpuSet {
-    pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..64).filter(move |i| self.0 & (1 << i) != 0)
-    }
-}
-
-pub fn apic_read(vcpu: usize, msr: u32) -> Option<u64> {
-    let bsp = if vcpu == 0 { 1 << 8 } else { 0 };
-    match msr {
-        0x1b => Some(0xfee0_0000 | (1 << 11) | (1 << 10) | bsp),
-        0x802 => Some(vcpu as u64),
-        0x803 => Some(0x5_0014),
-        0x808 => Some(APIC_TPR[vcpu].load(Ordering::SeqCst)),
-        0x80f => Some(APIC_SVR[vcpu].load(Ordering::SeqCst)),
-        0x800..=0x8ff => Some(0),
-        _ => None,
-    }
-}
-
-pub fn apic_write(vcpu: usize, msr: u32, value: u64) -> ApicWrite {
-    let vcpus = TD_VCPUS.load(Ordering::SeqCst);
-    let all = if vcpus >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << vcpus) - 1
-    };
-    match msr {
-        0x1b | 0x80b => ApicWrite::Done,
-        0x808 => {
-            APIC_TPR[vcpu].store(value & 0xff, Ordering::SeqCst);
-            ApicWrite::Done
-        }
-        0x80f => {
-            APIC_SVR[vcpu].store(value, Ordering::SeqCst);
-            ApicWrite::Done
-        }
-        0x830 => {
-            let vector = value as u8;
-            let delivery = (value >> 8) & 7;
-            if delivery != 0 || vector < 16 {
-                // Only fixed interrupts: a TD starts APs through the mailbox.
-                return ApicWrite::Refused;
-            }
-            let targets = match (value >> 18) & 3 {
-                0 => {
-                    let destination = value >> 32;
-                    if destination >= vcpus as u64 {
-                        return ApicWrite::Done;
-                    }
-                    1 << destination
-                }
-                1 => 1 << vcpu,
-                2 => all,
-                _ => all & !(1 << vcpu),
-            };
-            ApicWrite::Ipi {
-                targets: VcpuSet(targets),
-                vector,
-            }
-        }
-        0x800..=0x8ff => ApicWrite::Done,
-        _ => ApicWrite::Refused,
-    }
-}
-
 /// Sends the emulator-internal kick to the CPU running `vcpu`.
 pub fn send_kick(vcpu: usize) {
     if let (Some(apic), Some(apic_id)) = (APIC.get(), bare::smp::apic_id_of(vcpu)) {
@@ -458,6 +507,9 @@ fn load_cpu_tables(cpu: usize) {
 fn start_cpus(apic_ids: &[u32]) {
     bare::idt::set_default_handler(emulator_fault);
     bare::idt::set_handler(vcpu::KICK_VECTOR, kick_interrupt);
+    // The timer only has to end guest mode or a HLT: the vCPU loop looks at
+    // its deadline on the way back in.
+    bare::idt::set_handler(TIMER_VECTOR, kick_interrupt);
     bare::idt::set_handler(SPURIOUS_VECTOR, spurious_interrupt);
     load_cpu_tables(0);
     bare::smp::init_bsp().unwrap_or_else(|e| panic!("init_bsp: {e:?}"));
@@ -519,36 +571,64 @@ extern "C" fn emulator_ap_main(cpu: usize) -> ! {
     }
 }
 
-/// One line the harness parses.
+/// One line the harness parses: `TDXEMU name=value ...`.
 pub fn print_counters() {
     let c = &COUNTERS;
     let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
-    println!(
-        "TDXEMU ve_ept_violation={} ve_io={} ve_cpuid={} ve_rdmsr={} ve_wrmsr={} ve_hlt={} ve_wbinvd={} ve_invd={} double_faults={} tdcall_vmcall={} tdcall_vp_info={} tdcall_veinfo_get={} tdcall_accept={} map_gpa_calls={} map_gpa_retries={} pages_to_shared={} pages_to_private={} accept_4k={} accept_2m={} accept_1g={} accept_size_mismatch={} ipis={} nested_page_faults={}",
-        c.ve(exit_reason::EPT_VIOLATION),
-        c.ve(exit_reason::IO),
-        c.ve(exit_reason::CPUID),
-        c.ve(exit_reason::RDMSR),
-        c.ve(exit_reason::WRMSR),
-        c.ve(exit_reason::HLT),
-        c.ve(exit_reason::WBINVD),
-        c.ve(exit_reason::INVD),
-        load(&c.double_faults),
-        load(&c.tdcalls_by_leaf[0]),
-        load(&c.tdcalls_by_leaf[1]),
-        load(&c.tdcalls_by_leaf[3]),
-        load(&c.tdcalls_by_leaf[6]),
-        load(&c.map_gpa_calls),
-        load(&c.map_gpa_retries),
-        load(&c.pages_to_shared),
-        load(&c.pages_to_private),
-        load(&c.accepts[0]),
-        load(&c.accepts[1]),
-        load(&c.accepts[2]),
-        load(&c.accept_size_mismatches),
-        load(&c.ipis),
-        load(&c.nested_page_faults),
-    );
+    let ve = |reason| c.ve(reason);
+    let leaf = |n: usize| load(&c.tdcalls_by_leaf[n]);
+    let counters: [(&str, u64); 36] = [
+        ("ve_ept_violation", ve(exit_reason::EPT_VIOLATION)),
+        ("ve_io", ve(exit_reason::IO)),
+        ("ve_cpuid", ve(exit_reason::CPUID)),
+        ("ve_rdmsr", ve(exit_reason::RDMSR)),
+        ("ve_wrmsr", ve(exit_reason::WRMSR)),
+        ("ve_hlt", ve(exit_reason::HLT)),
+        ("ve_wbinvd", ve(exit_reason::WBINVD)),
+        ("ve_invd", ve(exit_reason::INVD)),
+        ("ve_cr_access", ve(exit_reason::CR_ACCESS)),
+        ("ve_total", c.ve_by_reason.iter().map(load).sum()),
+        ("double_faults", load(&c.double_faults)),
+        ("tdcall_vmcall", leaf(0)),
+        ("tdcall_vp_info", leaf(1)),
+        ("tdcall_veinfo_get", leaf(3)),
+        ("tdcall_accept", leaf(6)),
+        ("tdcall_vm_rd", leaf(7)),
+        ("tdcall_vm_wr", leaf(8)),
+        ("tdcall_unmodelled", load(&c.tdcalls_unmodelled)),
+        ("tdvmcall_unsupported", load(&c.tdvmcalls_unsupported)),
+        ("map_gpa_calls", load(&c.map_gpa_calls)),
+        ("map_gpa_retries", load(&c.map_gpa_retries)),
+        ("pages_to_shared", load(&c.pages_to_shared)),
+        ("pages_to_private", load(&c.pages_to_private)),
+        ("accept_4k", load(&c.accepts[0])),
+        ("accept_2m", load(&c.accepts[1])),
+        ("accept_1g", load(&c.accepts[2])),
+        ("accept_size_mismatch", load(&c.accept_size_mismatches)),
+        ("accept_busy", load(&c.accept_busy)),
+        ("wrong_state", load(&c.wrong_state_accesses)),
+        ("implicit_conversions", load(&c.implicit_conversions)),
+        ("mmio_faults", load(&c.mmio_faults)),
+        ("spurious_faults", load(&c.spurious_faults)),
+        ("reflected_ud", load(&vcpu::REFLECTED_UD)),
+        ("ipis", load(&c.ipis)),
+        ("nested_page_faults", load(&c.nested_page_faults)),
+        (
+            "absent_device_accesses",
+            load(&devices::ABSENT_IO) + load(&devices::ABSENT_MMIO),
+        ),
+    ];
+    println!("TDXEMU{}", CounterLine(&counters));
+}
+
+struct CounterLine<'a>(&'a [(&'a str, u64)]);
+
+impl core::fmt::Display for CounterLine<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.0
+            .iter()
+            .try_for_each(|(name, value)| write!(f, " {name}={value}"))
+    }
 }
 
 #[panic_handler]

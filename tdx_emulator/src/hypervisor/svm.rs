@@ -9,6 +9,8 @@ use core::sync::atomic::{fence, Ordering};
 
 /// Control-area offsets.
 pub mod control {
+    /// CR reads (bits 15:0) and writes (bits 31:16).
+    pub const INTERCEPT_CR: usize = 0x000;
     pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
     pub const INTERCEPT_MISC1: usize = 0x00c;
     pub const INTERCEPT_MISC2: usize = 0x010;
@@ -45,12 +47,15 @@ pub mod save {
     pub const DR6: usize = 0x568;
     pub const RFLAGS: usize = 0x570;
     pub const RIP: usize = 0x578;
+    pub const RSP: usize = 0x5d8;
     pub const RAX: usize = 0x5f8;
     pub const G_PAT: usize = 0x668;
 }
 
 /// Exit codes used here.
 pub mod exit {
+    pub const CR0_WRITE: u64 = 0x10;
+    pub const CR4_WRITE: u64 = 0x14;
     pub const EXCEPTION_UD: u64 = 0x46;
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
@@ -68,6 +73,9 @@ pub mod exit {
 
 /// Intercept bits.
 pub mod intercept {
+    /// In INTERCEPT_CR.
+    pub const CR0_WRITE: u32 = 1 << 16;
+    pub const CR4_WRITE: u32 = 1 << 20;
     pub const INTR: u32 = 1 << 0;
     pub const NMI: u32 = 1 << 1;
     pub const CPUID: u32 = 1 << 18;

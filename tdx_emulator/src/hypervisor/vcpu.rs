@@ -1,14 +1,21 @@
 //! One vCPU of the TD per emulator CPU: set up its VMCB, run it, and handle
-//! each #VMEXIT as the TDX module (TDCALL, #VE) or as the VMM behind it
-//! (TDVMCALL services, x2APIC, IPIs) would.
+//! each #VMEXIT as the TDX module (TDCALL, #VE, native CPUID/MSR answers) or
+//! as the KVM-like VMM behind it (TDVMCALL services, x2APIC, timer, IPIs,
+//! devices) would.
 
 use super::memory::TdMemory;
 use super::svm::{self, control, exit, intercept, save, GuestRegisters, Segment, Vmcb};
-use super::{firmware_layout, td, TD_VCPUS};
+use super::{clock, devices, firmware_layout, td, vapic, TD_VCPUS};
 use bare::println;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use pagetable::{CcMask, PageTables, PagingMode, PhysAddr, VirtAddr};
-use tdx_emulator::model::{exit_reason, FaultEffect, TdcallEffect, VcpuState, VeInfo};
+use tdx_emulator::control_regs::{self, CrInstruction, CrWrite};
+use tdx_emulator::cpuid::{self, CpuidAnswer, CpuidConfig};
+use tdx_emulator::events::{self, Event};
+use tdx_emulator::model::{
+    exit_reason, vmm_write, Access, FaultEffect, Gpr, TdcallEffect, VcpuState, VeInfo,
+};
+use tdx_emulator::msr::{self, MsrPolicy};
 use tdx_hypercall::TdcallRegs;
 
 /// Maximum vCPUs.
@@ -16,39 +23,17 @@ pub const MAX_VCPUS: usize = 16;
 /// The emulator-internal IPI that makes a CPU leave guest mode.
 pub const KICK_VECTOR: u8 = 0xf2;
 
-/// Interrupts waiting to be delivered to each vCPU (256-bit sets).
-static PENDING: [[AtomicU64; 4]; MAX_VCPUS] =
-    [const { [const { AtomicU64::new(0) }; 4] }; MAX_VCPUS];
+/// TDVMCALL status the VMM returns for an operand it refuses (GHCI).
+const TDVMCALL_INVALID_OPERAND: u64 = 0x8000_0000_0000_0000;
+
+/// #UDs that were not a TDCALL, reflected to the TD.
+pub static REFLECTED_UD: AtomicU64 = AtomicU64::new(0);
+
 /// Whether each vCPU is in guest mode, and the nested-TLB generation it
 /// flushed for last.
 static IN_GUEST: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
 static SEEN_GENERATION: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 static NESTED_GENERATION: AtomicU64 = AtomicU64::new(0);
-
-fn set_pending(vcpu: usize, vector: u8) {
-    if let Some(set) = PENDING.get(vcpu) {
-        set[usize::from(vector) / 64].fetch_or(1 << (vector % 64), Ordering::SeqCst);
-    }
-}
-
-fn take_highest_pending(vcpu: usize) -> Option<u8> {
-    let set = PENDING.get(vcpu)?;
-    for word in (0..4).rev() {
-        let bits = set[word].load(Ordering::SeqCst);
-        if bits != 0 {
-            let bit = 63 - bits.leading_zeros() as usize;
-            set[word].fetch_and(!(1 << bit), Ordering::SeqCst);
-            return Some((word * 64 + bit) as u8);
-        }
-    }
-    None
-}
-
-fn has_pending(vcpu: usize) -> bool {
-    PENDING
-        .get(vcpu)
-        .is_some_and(|set| set.iter().any(|w| w.load(Ordering::SeqCst) != 0))
-}
 
 /// Makes the emulator CPU running `vcpu` leave guest mode (or its HLT).
 fn kick(vcpu: usize) {
@@ -83,15 +68,28 @@ pub fn flush_nested_tlbs_everywhere() {
 
 /// How a vCPU starts.
 pub enum Start {
-    /// The boot vCPU: 32-bit protected mode at the PVH entry, EBX = start info.
-    Pvh { entry: u32, start_info: u64 },
-    /// An AP woken through the mailbox: 64-bit mode at `vector`, RDI = APIC ID.
+    /// The boot vCPU, as TD firmware hands over a payload (the Linux 64-bit
+    /// boot protocol, Documentation/arch/x86/boot.rst): long mode, paging on
+    /// an identity map, CS = 0x10, DS = ES = SS = 0x18, interrupts off,
+    /// RSI = the boot_params page.
+    Boot64 { entry: u64, boot_params: u64 },
+    /// An AP woken through the mailbox: 64-bit mode at `vector`, RDI = APIC ID
+    /// (ACPI 6.4 section 5.2.12.19).
     Mailbox { vector: u64 },
 }
 
-const FLAT_CODE32: u16 = 0xc9b;
 const FLAT_CODE64: u16 = 0xa9b;
 const FLAT_DATA: u16 = 0xc93;
+/// CR0 of a TD in long mode: PE, MP, ET, NE, WP, PG (NE, PE and PG are
+/// fixed to 1 in a TD: TDX module `td_vmcs_init.c`, CR0 guest/host mask).
+const TD_CR0: u64 = 0x8001_0033;
+/// CR4: PAE and MCE (MCE is fixed to 1 in a TD).
+const TD_CR4: u64 = 0x60;
+/// EFER: SCE, LME, LMA, NXE (the TD's initial EFER, 0xD01 with LMA) plus
+/// SVME, which SVM requires of the guest and which reads and writes through
+/// the MSR intercept never show.
+const TD_EFER_VISIBLE: u64 = 0xd01;
+const EFER_SVME: u64 = 1 << 12;
 
 /// Runs vCPU `index` forever.
 pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
@@ -103,6 +101,10 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
     let host_vmcb = page();
     let layout = firmware_layout();
     vmcb.write_u32(control::INTERCEPT_EXCEPTIONS, intercept::UD);
+    vmcb.write_u32(
+        control::INTERCEPT_CR,
+        intercept::CR0_WRITE | intercept::CR4_WRITE,
+    );
     vmcb.write_u32(
         control::INTERCEPT_MISC1,
         intercept::INTR
@@ -147,59 +149,51 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
             base: 0,
         },
     );
+    vmcb.write_u64(save::CR0, TD_CR0);
+    vmcb.write_u64(save::CR4, TD_CR4);
+    vmcb.write_u64(save::CR3, layout.ap_tables);
+    vmcb.write_u64(save::EFER, TD_EFER_VISIBLE | EFER_SVME);
     let mut registers = GuestRegisters::default();
-    let data = Segment {
-        selector: 0x10,
-        attributes: FLAT_DATA,
-        limit: 0xffff_ffff,
-        base: 0,
-    };
-    match start {
-        Start::Pvh { entry, start_info } => {
-            vmcb.set_segment(
-                save::CS,
-                Segment {
-                    selector: 0x08,
-                    attributes: FLAT_CODE32,
-                    limit: 0xffff_ffff,
-                    base: 0,
-                },
-            );
-            vmcb.write_u64(save::CR0, 0x11); // PE | ET
-            vmcb.write_u64(save::EFER, 1 << 12); // SVME
-            vmcb.write_u64(save::RIP, u64::from(entry));
-            registers.rbx = start_info;
+    let (code, data, gdt, rip) = match start {
+        Start::Boot64 { entry, boot_params } => {
+            registers.rsi = boot_params;
+            (0x10, 0x18, layout.boot_gdt, entry)
         }
         Start::Mailbox { vector } => {
-            vmcb.set_segment(
-                save::CS,
-                Segment {
-                    selector: 0x08,
-                    attributes: FLAT_CODE64,
-                    limit: 0xffff_ffff,
-                    base: 0,
-                },
-            );
-            vmcb.write_u64(save::CR0, 0x8001_0031); // PG | WP | NE | ET | PE
-            vmcb.write_u64(save::CR4, 0x20); // PAE
-            vmcb.write_u64(save::CR3, layout.ap_tables);
-            vmcb.write_u64(save::EFER, (1 << 12) | (1 << 11) | (1 << 10) | (1 << 8)); // SVME NXE LMA LME
-            vmcb.set_segment(
-                save::GDTR,
-                Segment {
-                    selector: 0,
-                    attributes: 0,
-                    limit: 23,
-                    base: layout.ap_gdt,
-                },
-            );
-            vmcb.write_u64(save::RIP, vector);
             registers.rdi = index as u64;
+            (0x08, 0x10, layout.ap_gdt, vector)
         }
-    }
+    };
+    vmcb.set_segment(
+        save::CS,
+        Segment {
+            selector: code,
+            attributes: FLAT_CODE64,
+            limit: 0xffff_ffff,
+            base: 0,
+        },
+    );
     for offset in [save::DS, save::ES, save::SS, save::FS, save::GS] {
-        vmcb.set_segment(offset, data);
+        vmcb.set_segment(
+            offset,
+            Segment {
+                selector: data,
+                attributes: FLAT_DATA,
+                limit: 0xffff_ffff,
+                base: 0,
+            },
+        );
     }
+    vmcb.set_segment(
+        save::GDTR,
+        Segment {
+            selector: 0,
+            attributes: 0,
+            limit: 31,
+            base: gdt,
+        },
+    );
+    vmcb.write_u64(save::RIP, rip);
     let mut vcpu = Vcpu {
         index,
         vmcb,
@@ -210,6 +204,8 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
             index: index as u32,
             ve_latched: None,
         },
+        armed_deadline: 0,
+        stored: [(0, 0); 8],
     };
     if index == 0 {
         // Only before the TD prints anything: the TD's console bytes and
@@ -230,14 +226,11 @@ struct Vcpu {
     registers: GuestRegisters,
     memory: &'static TdMemory,
     state: VcpuState,
-}
-
-fn inject_exception(vmcb: &Vmcb, vector: u8, error_code: Option<u32>) {
-    let mut event = u64::from(vector) | (3 << 8) | (1 << 31);
-    if let Some(code) = error_code {
-        event |= (1 << 11) | (u64::from(code) << 32);
-    }
-    vmcb.write_u64(control::EVENT_INJECTION, event);
+    /// The TSC deadline this CPU's APIC timer is armed for (0: none).
+    armed_deadline: u64,
+    /// Emulated native MSRs with a per-vCPU value (DEBUGCTL, SPEC_CTRL,
+    /// DS_AREA, XSS, UARCH_MISC_CTL): (MSR, value), MSR 0 = free slot.
+    stored: [(u32, u64); 8],
 }
 
 impl Vcpu {
@@ -249,7 +242,33 @@ impl Vcpu {
         self.vmcb.write_u64(save::RIP, self.rip() + bytes);
     }
 
+    fn inject(&self, event: Event) {
+        self.vmcb
+            .write_u64(control::EVENT_INJECTION, event.to_event_injection());
+    }
+
+    /// Fires the TD's timer if due, and arms this CPU's APIC timer so that a
+    /// later deadline forces an exit (or ends a HLT) when it comes.
+    fn service_timer(&mut self) {
+        let now = bare::cpu::read_tsc();
+        vapic::poll_timer(self.index, now);
+        let deadline = vapic::next_deadline(self.index).unwrap_or(0);
+        if deadline == self.armed_deadline {
+            return;
+        }
+        self.armed_deadline = deadline;
+        if let Some(apic) = super::APIC.get() {
+            if deadline == 0 {
+                apic.stop_timer();
+            } else {
+                let ticks = clock::apic_ticks_for(deadline.saturating_sub(now));
+                let _ = apic.start_one_shot_timer(super::TIMER_VECTOR, ticks);
+            }
+        }
+    }
+
     fn enter(&mut self) {
+        self.service_timer();
         let vmcb = &self.vmcb;
         svm::hold_interrupts_until_exit();
         // A virtual interrupt for the guest, if one waits and none is queued.
@@ -257,7 +276,7 @@ impl Vcpu {
         // holds until VMRUN turns it into an exit.
         let virtual_interrupt = vmcb.read_u64(control::VIRTUAL_INTERRUPT);
         if virtual_interrupt & (1 << 8) == 0 {
-            if let Some(vector) = take_highest_pending(self.index) {
+            if let Some(vector) = vapic::take_highest_pending(self.index) {
                 let value =
                     (1 << 24) | (1 << 20) | (0xf << 16) | (1 << 8) | (u64::from(vector) << 32);
                 vmcb.write_u64(control::VIRTUAL_INTERRUPT, value);
@@ -279,37 +298,25 @@ impl Vcpu {
         let code = self.vmcb.read_u64(control::EXIT_CODE);
         let info1 = self.vmcb.read_u64(control::EXIT_INFO1);
         let info2 = self.vmcb.read_u64(control::EXIT_INFO2);
-        // An event interrupted in delivery is delivered again, unless this
-        // exit injects its own.
-        let interrupted = self.vmcb.read_u64(control::EXIT_INT_INFO);
-        self.vmcb.write_u64(
-            control::EVENT_INJECTION,
-            if interrupted & (1 << 31) != 0 {
-                interrupted
-            } else {
-                0
-            },
-        );
-        let strict = td().options().strict;
-        match code {
+        // An event interrupted in delivery is delivered again; an exit that
+        // injects its own event must not lose it (events::merge).
+        let interrupted = Event::from_exit_int_info(self.vmcb.read_u64(control::EXIT_INT_INFO));
+        self.vmcb.write_u64(control::EVENT_INJECTION, 0);
+        let injected = match code {
             exit::EXCEPTION_UD => self.undefined_opcode(),
-            exit::CPUID => self.cpuid(strict),
-            exit::HLT => {
-                if strict {
-                    self.virtualization_exception(exit_reason::HLT, 0, 1);
-                } else {
-                    self.advance(1);
-                    self.wait_for_interrupt();
-                }
-            }
-            exit::IOIO => self.port_io(info1, info2, strict),
-            exit::MSR => self.msr(info1 == 1, strict),
+            exit::CPUID => self.cpuid(),
+            exit::CR0_WRITE | exit::CR4_WRITE => self.control_register_write(),
+            // HLT always #VEs in a TD (TDX module td_other_exits.c); the
+            // guest asks the VMM through TDVMCALL<Instruction.HLT>.
+            exit::HLT => self.virtualization_exception(exit_reason::HLT, 0, 1),
+            exit::IOIO => self.port_io(info1, info2),
+            exit::MSR => self.msr(info1 == 1),
             exit::NPF => self.nested_page_fault(info1, info2),
             // The TDX module raises #VE for these in every configuration.
             exit::WBINVD => self.virtualization_exception(exit_reason::WBINVD, 0, 2),
             exit::INVD => self.virtualization_exception(exit_reason::INVD, 0, 2),
-            exit::INTR | exit::NMI | exit::VINTR => {}
-            exit::SHUTDOWN => self.fatal("the TD shut down (triple fault)"),
+            exit::INTR | exit::NMI | exit::VINTR => None,
+            exit::SHUTDOWN => self.shut_down("the TD shut down (triple fault)"),
             exit::INVALID => self.fatal("VMRUN refused the guest state"),
             other => {
                 println!(
@@ -318,6 +325,13 @@ impl Vcpu {
                 );
                 self.fatal("unexpected exit");
             }
+        };
+        let merged = events::merge(interrupted, injected);
+        if let Some(vector) = merged.requeue {
+            vapic::set_pending(self.index, vector);
+        }
+        if let Some(event) = merged.inject {
+            self.inject(event);
         }
     }
 
@@ -333,7 +347,18 @@ impl Vcpu {
         bare::exit::qemu_exit(bare::exit::EXIT_FAILURE)
     }
 
-    fn virtualization_exception(&mut self, reason: u32, qualification: u64, length: u32) {
+    /// The VMM stops the TD (a KVM VM marked dead, or a triple fault).
+    fn shut_down(&self, why: impl core::fmt::Display) -> ! {
+        println!("emulator: TD shutdown: {why}");
+        self.fatal("TD shutdown")
+    }
+
+    fn virtualization_exception(
+        &mut self,
+        reason: u32,
+        qualification: u64,
+        length: u32,
+    ) -> Option<Event> {
         let info = VeInfo {
             exit_reason: reason,
             exit_qualification: qualification,
@@ -341,14 +366,15 @@ impl Vcpu {
             ..VeInfo::default()
         };
         let effect = td().raise_ve(&mut self.state, info);
-        self.inject_fault_effect(effect);
+        self.fault_effect(effect)
     }
 
-    fn inject_fault_effect(&self, effect: FaultEffect) {
+    fn fault_effect(&self, effect: FaultEffect) -> Option<Event> {
         match effect {
-            FaultEffect::VirtualizationException => inject_exception(&self.vmcb, 20, None),
-            FaultEffect::DoubleFault => inject_exception(&self.vmcb, 8, Some(0)),
-            FaultEffect::OutsideMemory => self.fatal("access outside TD memory"),
+            FaultEffect::VirtualizationException => Some(Event::exception(20, None)),
+            FaultEffect::DoubleFault => Some(Event::exception(8, Some(0))),
+            FaultEffect::Retry => None,
+            FaultEffect::Shutdown(reason) => self.shut_down(reason),
         }
     }
 
@@ -374,12 +400,13 @@ impl Vcpu {
         Some(unsafe { core::ptr::read_volatile(hpa as *const u8) })
     }
 
-    fn undefined_opcode(&mut self) {
+    fn undefined_opcode(&mut self) -> Option<Event> {
         let rip = self.vmcb.segment_base(save::CS) + self.rip();
         let bytes = [0, 1, 2, 3].map(|i| self.read_guest_byte(rip + i));
         if bytes != [Some(0x66), Some(0x0f), Some(0x01), Some(0xcc)] {
-            inject_exception(&self.vmcb, 6, None);
-            return;
+            // Not a TDCALL (BUG()/WARN() use ud2): the guest's own #UD.
+            REFLECTED_UD.fetch_add(1, Ordering::Relaxed);
+            return Some(Event::exception(6, None));
         }
         let r = &mut self.registers;
         let mut regs = TdcallRegs {
@@ -396,36 +423,54 @@ impl Vcpu {
             r15: r.r15,
         };
         let effect = td().tdcall(&mut self.state, &mut regs, self.memory);
-        self.advance(4);
+        if effect != TdcallEffect::Retry {
+            self.advance(4);
+        }
+        let failed = TDVMCALL_INVALID_OPERAND;
         match effect {
-            TdcallEffect::Resume => {}
-            TdcallEffect::Halt => self.wait_for_interrupt(),
+            TdcallEffect::Resume | TdcallEffect::Retry => {}
+            TdcallEffect::Shutdown(reason) => self.shut_down(reason),
+            TdcallEffect::Halt { .. } => self.wait_for_interrupt(),
             TdcallEffect::Io {
                 port,
                 size,
                 write,
                 value,
             } => {
-                if let Some(read) = self.io(port, size, write, value) {
-                    regs.r11 = u64::from(read);
+                if let Some(read) = devices::port_io(port, size, write, value) {
+                    vmm_write(&mut regs, Gpr::R11, u64::from(read));
+                }
+            }
+            TdcallEffect::Mmio {
+                gpa,
+                size,
+                write,
+                value,
+            } => {
+                if let Some(read) = devices::mmio(gpa, size, write, value) {
+                    vmm_write(&mut regs, Gpr::R11, read);
                 }
             }
             TdcallEffect::Cpuid { leaf, subleaf } => {
-                let [a, b, c, d] = cpuid_for_guest(leaf, subleaf);
-                (regs.r12, regs.r13, regs.r14, regs.r15) = (a.into(), b.into(), c.into(), d.into());
+                let [a, b, c, d] = cpuid::vmm_cpuid(leaf, subleaf);
+                for (gpr, value) in [(Gpr::R12, a), (Gpr::R13, b), (Gpr::R14, c), (Gpr::R15, d)] {
+                    vmm_write(&mut regs, gpr, value.into());
+                }
             }
-            TdcallEffect::Rdmsr { msr } => match self.read_msr(msr) {
-                Some(value) => regs.r11 = value,
-                None => regs.r10 = 0x8000_0000_0000_0000,
-            },
+            TdcallEffect::Rdmsr { msr } => {
+                match self.vmm_rdmsr(msr) {
+                    Some(value) => vmm_write(&mut regs, Gpr::R11, value),
+                    None => vmm_write(&mut regs, Gpr::R10, failed),
+                };
+            }
             TdcallEffect::Wrmsr { msr, value } => {
-                if !self.write_msr(msr, value) {
-                    regs.r10 = 0x8000_0000_0000_0000;
+                if !self.vmm_wrmsr(msr, value) {
+                    vmm_write(&mut regs, Gpr::R10, failed);
                 }
             }
             TdcallEffect::Fatal { code } => {
                 println!("emulator: the TD reported a fatal error {code:#x}");
-                self.fatal("ReportFatalError");
+                self.shut_down("ReportFatalError");
             }
         }
         self.vmcb.write_u64(save::RAX, regs.rax);
@@ -433,26 +478,96 @@ impl Vcpu {
         (r.rcx, r.rdx, r.r8, r.r9, r.r10, r.r11) =
             (regs.rcx, regs.rdx, regs.r8, regs.r9, regs.r10, regs.r11);
         (r.r12, r.r13, r.r14, r.r15) = (regs.r12, regs.r13, regs.r14, regs.r15);
+        None
     }
 
-    fn cpuid(&mut self, strict: bool) {
+    fn cpuid(&mut self) -> Option<Event> {
         let leaf = self.vmcb.read_u64(save::RAX) as u32;
         let subleaf = self.registers.rcx as u32;
-        // Leaf 0x21 is how a guest finds out it is a TD: answered even in
-        // strict mode, before the guest can handle a #VE.
-        if strict && leaf != 0x21 {
-            self.virtualization_exception(exit_reason::CPUID, 0, 2);
-            return;
+        let config = CpuidConfig {
+            tsc_hz: clock::tsc_hz(),
+            vcpus: TD_VCPUS.load(Ordering::SeqCst) as u32,
+            gpaw: super::GPAW,
+        };
+        let base = |leaf: u32, subleaf: u32| {
+            let r = bare::cpu::cpuid(leaf, subleaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        };
+        match cpuid::td_cpuid(leaf, subleaf, self.index as u32, &config, base) {
+            CpuidAnswer::Native([a, b, c, d]) => {
+                self.vmcb.write_u64(save::RAX, a.into());
+                (self.registers.rbx, self.registers.rcx, self.registers.rdx) =
+                    (b.into(), c.into(), d.into());
+                self.advance(2);
+                None
+            }
+            CpuidAnswer::VirtualizationException => {
+                self.virtualization_exception(exit_reason::CPUID, 0, 2)
+            }
         }
-        let [a, b, c, d] = cpuid_for_guest(leaf, subleaf);
-        self.vmcb.write_u64(save::RAX, a.into());
-        (self.registers.rbx, self.registers.rcx, self.registers.rdx) =
-            (b.into(), c.into(), d.into());
-        self.advance(2);
     }
 
-    fn port_io(&mut self, info1: u64, next_rip: u64, strict: bool) {
-        let port = (info1 >> 16) as u16;
+    /// Guest general-purpose register `n` (0 = RAX ... 15 = R15).
+    fn gpr(&self, n: u8) -> u64 {
+        let r = &self.registers;
+        match n {
+            0 => self.vmcb.read_u64(save::RAX),
+            1 => r.rcx,
+            2 => r.rdx,
+            3 => r.rbx,
+            4 => self.vmcb.read_u64(save::RSP),
+            5 => r.rbp,
+            6 => r.rsi,
+            7 => r.rdi,
+            8 => r.r8,
+            9 => r.r9,
+            10 => r.r10,
+            11 => r.r11,
+            12 => r.r12,
+            13 => r.r13,
+            14 => r.r14,
+            _ => r.r15,
+        }
+    }
+
+    /// MOV to CR0/CR4 or CLTS, constrained as in a TD
+    /// (tdx_emulator::control_regs).
+    fn control_register_write(&mut self) -> Option<Event> {
+        let rip = self.vmcb.segment_base(save::CS) + self.rip();
+        let bytes = [0, 1, 2, 3].map(|i| self.read_guest_byte(rip + i));
+        let Some(instruction) = control_regs::decode(bytes) else {
+            self.fatal("a CR0/CR4 write by an instruction the emulator does not decode");
+        };
+        let (cr, gpr, value) = match instruction {
+            CrInstruction::MovToCr { cr, gpr, .. } => (cr, gpr, self.gpr(gpr)),
+            CrInstruction::Clts => (0, 0, control_regs::after_clts(self.vmcb.read_u64(save::CR0))),
+        };
+        let (verdict, offset) = match cr {
+            0 => (control_regs::cr0_write(value), save::CR0),
+            4 => (control_regs::cr4_write(value), save::CR4),
+            _ => self.fatal("a control-register write the intercepts do not ask for"),
+        };
+        match verdict {
+            CrWrite::Apply(value) => {
+                self.vmcb.write_u64(offset, value);
+                self.advance(u64::from(instruction.length()));
+                None
+            }
+            CrWrite::GeneralProtection => Some(Event::exception(13, Some(0))),
+            CrWrite::VirtualizationException => self.virtualization_exception(
+                exit_reason::CR_ACCESS,
+                control_regs::qualification(cr, gpr),
+                u32::from(instruction.length()),
+            ),
+        }
+    }
+
+    /// Port IO always #VEs in a TD (the TDX module sets unconditional IO
+    /// exiting), with the VMX exit qualification (SDM vol. 3 table 28-5:
+    /// size - 1 in bits 2:0, IN in bit 3, string in bit 4, REP in bit 5,
+    /// port in 31:16) converted from SVM's IOIO EXITINFO1.
+    fn port_io(&mut self, info1: u64, next_rip: u64) -> Option<Event> {
+        let port = (info1 >> 16) & 0xffff;
         let size = if info1 & (1 << 4) != 0 {
             1
         } else if info1 & (1 << 5) != 0 {
@@ -460,121 +575,174 @@ impl Vcpu {
         } else {
             4
         };
-        let read = info1 & 1 != 0;
-        if info1 & (1 << 2) != 0 {
-            self.fatal("string port IO is not emulated");
-        }
-        if strict {
-            let qualification =
-                u64::from(size - 1) | (u64::from(read) << 3) | (u64::from(port) << 16);
-            let length = next_rip.saturating_sub(self.rip()) as u32;
-            self.virtualization_exception(exit_reason::IO, qualification, length);
-            return;
-        }
-        let rax = self.vmcb.read_u64(save::RAX);
-        if let Some(value) = self.io(port, size, !read, rax as u32) {
-            let mask = if size == 4 {
-                0xffff_ffff
-            } else {
-                (1u64 << (size * 8)) - 1
-            };
-            self.vmcb
-                .write_u64(save::RAX, (rax & !mask) | (u64::from(value) & mask));
-        }
-        self.vmcb.write_u64(save::RIP, next_rip);
+        let read = info1 & 1;
+        let string = (info1 >> 2) & 1;
+        let rep = (info1 >> 3) & 1;
+        let qualification = (size - 1) | (read << 3) | (string << 4) | (rep << 5) | (port << 16);
+        let length = next_rip.saturating_sub(self.rip()) as u32;
+        self.virtualization_exception(exit_reason::IO, qualification, length)
     }
 
-    /// Performs a port access for the guest; the result for reads.
-    fn io(&self, port: u16, size: u8, write: bool, value: u32) -> Option<u32> {
-        if write && port == bare::exit::DEBUG_EXIT_PORT {
-            // The TD is done: the counters first, then its verdict.
-            super::print_counters();
-            bare::exit::qemu_exit(value);
-        }
-        // SAFETY: the TD owns the emulated machine's devices except the
-        // emulator's console, which it shares on purpose (COM1).
-        unsafe { super::port_io(port, size, write, value) }
-    }
-
-    fn msr(&mut self, write: bool, strict: bool) {
+    /// RDMSR/WRMSR that the MSR bitmap sent here: the module's policy
+    /// (tdx_emulator::msr) decides native, #VE or #GP.
+    fn msr(&mut self, write: bool) -> Option<Event> {
         let msr = self.registers.rcx as u32;
-        let apic = super::is_apic_msr(msr);
-        if strict && !apic {
-            let reason = if write {
-                exit_reason::WRMSR
-            } else {
-                exit_reason::RDMSR
-            };
-            self.virtualization_exception(reason, 0, 2);
-            return;
+        let value = (self.registers.rdx << 32) | (self.vmcb.read_u64(save::RAX) & 0xffff_ffff);
+        match msr::td_msr_policy(msr, write) {
+            MsrPolicy::VirtualizationException => {
+                let reason = if write {
+                    exit_reason::WRMSR
+                } else {
+                    exit_reason::RDMSR
+                };
+                return self.virtualization_exception(reason, 0, 2);
+            }
+            MsrPolicy::GeneralProtection => return Some(Event::exception(13, Some(0))),
+            MsrPolicy::Native => {}
         }
         if write {
-            let value = (self.registers.rdx << 32) | (self.vmcb.read_u64(save::RAX) & 0xffff_ffff);
-            if !self.write_msr(msr, value) {
-                inject_exception(&self.vmcb, 13, Some(0));
-                return;
+            match self.native_wrmsr(msr, value) {
+                NativeWrite::Done => {}
+                NativeWrite::VirtualizationException => {
+                    return self.virtualization_exception(exit_reason::WRMSR, 0, 2)
+                }
+                NativeWrite::GeneralProtection => return Some(Event::exception(13, Some(0))),
             }
         } else {
-            match self.read_msr(msr) {
-                Some(value) => {
-                    self.vmcb.write_u64(save::RAX, value & 0xffff_ffff);
-                    self.registers.rdx = value >> 32;
-                }
-                None => {
-                    inject_exception(&self.vmcb, 13, Some(0));
-                    return;
-                }
-            }
+            let Some(value) = self.native_rdmsr(msr) else {
+                return Some(Event::exception(13, Some(0)));
+            };
+            self.vmcb.write_u64(save::RAX, value & 0xffff_ffff);
+            self.registers.rdx = value >> 32;
         }
         self.advance(2);
+        None
     }
 
-    fn read_msr(&self, msr: u32) -> Option<u64> {
-        super::apic_read(self.index, msr)
+    /// A native MSR the emulator answers (those the CPU may answer itself
+    /// are not intercepted: msr::passes_through).
+    fn native_rdmsr(&self, msr: u32) -> Option<u64> {
+        match msr::classify_native(msr)? {
+            msr::NativeMsr::Efer => Some(self.vmcb.read_u64(save::EFER) & !EFER_SVME),
+            msr::NativeMsr::X2apicVirtual(msr) => vapic::read(self.index, msr),
+            kind => Some(msr::native_value(kind, self.stored_msr(msr))),
+        }
     }
 
-    fn write_msr(&self, msr: u32, value: u64) -> bool {
-        match super::apic_write(self.index, msr, value) {
-            super::ApicWrite::Done => true,
-            super::ApicWrite::Refused => false,
-            super::ApicWrite::Ipi { targets, vector } => {
-                for target in targets.iter() {
-                    set_pending(target, vector);
-                    td().counters.ipis.fetch_add(1, Ordering::Relaxed);
-                    kick(target);
+    fn native_wrmsr(&mut self, msr: u32, value: u64) -> NativeWrite {
+        let Some(kind) = msr::classify_native(msr) else {
+            return NativeWrite::GeneralProtection;
+        };
+        if let msr::NativeMsr::X2apicVirtual(msr) = kind {
+            return match vapic::write(self.index, msr, value) {
+                vapic::ApicWrite::Done => NativeWrite::Done,
+                vapic::ApicWrite::Refused => NativeWrite::GeneralProtection,
+                vapic::ApicWrite::Ipi { targets, vector } => {
+                    self.send_ipi(targets, vector);
+                    NativeWrite::Done
                 }
-                true
+            };
+        }
+        let current = match kind {
+            msr::NativeMsr::Efer => self.vmcb.read_u64(save::EFER) & !EFER_SVME,
+            _ => self.stored_msr(msr),
+        };
+        match msr::native_write(kind, current, value) {
+            msr::NativeWrite::Store(new) => {
+                if kind == msr::NativeMsr::Efer {
+                    self.vmcb.write_u64(save::EFER, new | EFER_SVME);
+                } else if let Some(slot) = self.stored.iter_mut().find(|(m, _)| *m == msr || *m == 0)
+                {
+                    *slot = (msr, new);
+                }
+                NativeWrite::Done
             }
+            // IBPB and L1D flush: nothing to do in an emulated TD.
+            msr::NativeWrite::Command(_) => NativeWrite::Done,
+            msr::NativeWrite::GeneralProtection => NativeWrite::GeneralProtection,
+            msr::NativeWrite::VirtualizationException => NativeWrite::VirtualizationException,
         }
     }
 
-    fn nested_page_fault(&mut self, error: u64, gpa: u64) {
-        let write = error & 2 != 0;
-        let fetch = error & 16 != 0;
-        let effect = td().nested_fault(&mut self.state, gpa, 0, write, fetch);
-        if effect == FaultEffect::OutsideMemory {
-            println!(
-                "emulator: vCPU {}: nested fault at GPA {gpa:#x}, error {error:#x}",
-                self.index
-            );
-        }
-        self.inject_fault_effect(effect);
+    /// The vCPU's value of an emulated native MSR that keeps one (0 at reset).
+    fn stored_msr(&self, msr: u32) -> u64 {
+        self.stored
+            .iter()
+            .find(|(m, _)| *m == msr)
+            .map_or(0, |(_, value)| *value)
     }
 
-    /// HLT: sleep until an interrupt for this vCPU is pending.
-    fn wait_for_interrupt(&self) {
+    /// TDVMCALL<Instruction.RDMSR>: the VMM's answer.
+    fn vmm_rdmsr(&self, msr: u32) -> Option<u64> {
+        if msr == vapic::reg::APIC_BASE
+            || msr == vapic::reg::TSC_DEADLINE
+            || (0x800..=0x8ff).contains(&msr)
+        {
+            return vapic::read(self.index, msr);
+        }
+        msr::vmm_rdmsr(msr)
+    }
+
+    fn vmm_wrmsr(&self, msr: u32, value: u64) -> bool {
+        if msr == vapic::reg::APIC_BASE
+            || msr == vapic::reg::TSC_DEADLINE
+            || (0x800..=0x8ff).contains(&msr)
+        {
+            return match vapic::write(self.index, msr, value) {
+                vapic::ApicWrite::Done => true,
+                vapic::ApicWrite::Refused => false,
+                vapic::ApicWrite::Ipi { targets, vector } => {
+                    self.send_ipi(targets, vector);
+                    true
+                }
+            };
+        }
+        msr::vmm_wrmsr(msr, value)
+    }
+
+    fn send_ipi(&self, targets: vapic::VcpuSet, vector: u8) {
+        for target in targets.iter() {
+            vapic::set_pending(target, vector);
+            td().counters.ipis.fetch_add(1, Ordering::Relaxed);
+            kick(target);
+        }
+    }
+
+    fn nested_page_fault(&mut self, error: u64, gpa: u64) -> Option<Event> {
+        let access = Access {
+            write: error & 2 != 0,
+            fetch: error & 16 != 0,
+        };
+        // SVM reports no guest linear address for a nested fault; the
+        // instruction's memory operand would give it (not decoded yet: 0).
+        let effect = td().nested_fault(&mut self.state, gpa, 0, access, self.memory);
+        self.fault_effect(effect)
+    }
+
+    /// TDVMCALL<HLT>: sleep until an interrupt for this vCPU is pending (the
+    /// TD's timer included). Linux's tdx_halt/tdx_safe_halt make it with
+    /// interrupts blocked in the TD and enable them after it returns, so an
+    /// interrupt pending counts whatever the guest's RFLAGS.IF is.
+    fn wait_for_interrupt(&mut self) {
         loop {
             bare::cpu::disable_interrupts();
-            if has_pending(self.index)
+            self.service_timer();
+            if vapic::has_pending(self.index)
                 || self.vmcb.read_u64(control::VIRTUAL_INTERRUPT) & (1 << 8) != 0
             {
                 bare::cpu::enable_interrupts();
                 return;
             }
-            // A kick that arrives after the check ends the HLT.
+            // A kick or the timer interrupt after the check ends the HLT.
             bare::cpu::enable_interrupts_and_halt();
         }
     }
+}
+
+enum NativeWrite {
+    Done,
+    VirtualizationException,
+    GeneralProtection,
 }
 
 /// The guest's page tables, read through TD memory.
@@ -599,30 +767,4 @@ impl pagetable::TableMemory for GuestTables {
         Err(current)
     }
     fn store_unpublished(&self, _table: PhysAddr, _index: usize, _value: u64) {}
-}
-
-/// CPUID as the TD sees it.
-pub fn cpuid_for_guest(leaf: u32, subleaf: u32) -> [u32; 4] {
-    if leaf == 0x21 && subleaf == 0 {
-        // "IntelTDX    " in EBX, EDX, ECX.
-        return [
-            0,
-            u32::from_le_bytes(*b"Inte"),
-            u32::from_le_bytes(*b"    "),
-            u32::from_le_bytes(*b"lTDX"),
-        ];
-    }
-    let result = bare::cpu::cpuid(leaf, subleaf);
-    let mut values = [result.eax, result.ebx, result.ecx, result.edx];
-    match leaf {
-        // x2APIC (ECX bit 21) is what a TD has; the initial APIC ID is ours.
-        1 => {
-            values[2] |= 1 << 21;
-            values[1] = (values[1] & 0x00ff_ffff) | ((bare::smp::cpu_index() as u32) << 24);
-        }
-        // No SVM inside the TD.
-        0x8000_0001 => values[2] &= !(1 << 2),
-        _ => {}
-    }
-    values
 }

@@ -56,6 +56,17 @@ pub fn serial_part(log: &str) -> &str {
         .map_or(log, |(serial, _)| serial)
 }
 
+/// A console line without the printk timestamp (`[   22.1] `) that lines
+/// written to /dev/kmsg carry: linux-td/init logs there, since the TD's
+/// UART has no interrupt and a tty write would never drain.
+fn without_timestamp(line: &str) -> &str {
+    let line = line.trim_start();
+    match line.strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+        Some((stamp, rest)) if stamp.trim().parse::<f64>().is_ok() => rest,
+        _ => line,
+    }
+}
+
 /// Judges a Linux boot; on failure, every problem found, one per line.
 pub fn judge_linux(exit: Option<i32>, log: &str, expect: &Expect) -> Result<LinuxBoot, String> {
     let serial = serial_part(log);
@@ -65,7 +76,7 @@ pub fn judge_linux(exit: Option<i32>, log: &str, expect: &Expect) -> Result<Linu
     // The kernel's own lines: linux-td/init repeats some of them
     // (`LINUXTD dmesg: ...`), and a repeat must not stand in for the
     // kernel's console output.
-    let is_kernel = |l: &str| !l.trim_start().starts_with(INIT_PREFIX);
+    let is_kernel = |l: &str| !without_timestamp(l).starts_with(INIT_PREFIX);
     let find = |needle: &str| lines.iter().position(|l| l.contains(needle));
 
     let mut required = vec![smp_line(expect.cpus), INIT_MARKER.to_string()];
@@ -99,7 +110,7 @@ pub fn judge_linux(exit: Option<i32>, log: &str, expect: &Expect) -> Result<Linu
 
     let cpus: Vec<&str> = lines
         .iter()
-        .filter_map(|l| l.trim_start().strip_prefix(CPUS_PREFIX))
+        .filter_map(|l| without_timestamp(l).strip_prefix(CPUS_PREFIX))
         .collect();
     match cpus.as_slice() {
         [n] if n.trim().parse::<u32>() == Ok(expect.cpus) => {
@@ -119,7 +130,7 @@ pub fn judge_linux(exit: Option<i32>, log: &str, expect: &Expect) -> Result<Linu
     // init's lines are skipped: they repeat kernel lines already checked.
     let marker = find(INIT_MARKER);
     for (i, line) in lines.iter().enumerate() {
-        if line.trim_start().starts_with(INIT_PREFIX) || line.starts_with("TDXEMU ") {
+        if without_timestamp(line).starts_with(INIT_PREFIX) || line.starts_with("TDXEMU ") {
             continue;
         }
         if let Some(word) = CRASH_WORDS.iter().find(|w| line.contains(*w)) {
@@ -134,7 +145,7 @@ pub fn judge_linux(exit: Option<i32>, log: &str, expect: &Expect) -> Result<Linu
 
     boot.tdx_dmesg = lines
         .iter()
-        .filter_map(|l| l.trim_start().strip_prefix("LINUXTD dmesg: "))
+        .filter_map(|l| without_timestamp(l).strip_prefix("LINUXTD dmesg: "))
         .map(str::to_string)
         .collect();
 
