@@ -330,7 +330,7 @@ fn td_kernel(command: &mut Command, td: &TdKernel, append: Option<&str>) {
     // line, all of it (the emulator splits at the first `--`).
     let line = format!("{} -- {}", td.emulator_options(), append.unwrap_or(""));
     command
-        .args(["-cpu", "qemu64,+svm,+npt,phys-bits=48"])
+        .args(["-cpu", "qemu64,+svm,+npt,+rdrand,phys-bits=48"])
         .args(["-m", &format!("{}M", td.qemu_memory_mib())])
         .arg("-kernel")
         .arg(&td.emulator)
@@ -639,7 +639,7 @@ mod tests {
         assert_eq!(value_of(&a, "-kernel"), ["emu"]);
         assert_eq!(value_of(&a, "-initrd"), ["bzImage"]);
         assert_eq!(value_of(&a, "-smp"), ["4"]);
-        assert_eq!(value_of(&a, "-cpu"), ["qemu64,+svm,+npt,phys-bits=48"]);
+        assert_eq!(value_of(&a, "-cpu"), ["qemu64,+svm,+npt,+rdrand,phys-bits=48"]);
         // Default TD memory (1024) plus the emulator's own 1024.
         assert_eq!(value_of(&a, "-m"), ["2048M"]);
         assert_eq!(

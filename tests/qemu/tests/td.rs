@@ -65,7 +65,13 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
     if !run.log.contains("running as a TD") {
         fail_with_log(&run, "the guest did not detect the TD");
     }
-    for key in ["ve_ept_violation", "ve_wbinvd", "ve_invd", "double_faults"] {
+    for key in [
+        "ve_ept_violation",
+        "wrong_state",
+        "ve_wbinvd",
+        "ve_invd",
+        "double_faults",
+    ] {
         if counter(&report, key) != 0 {
             fail_with_log(
                 &run,
@@ -108,7 +114,6 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
         let ok = stress("conversions") == Some(2 * u64::from(TD_STRESS_ROUNDS))
             && stress("fixups").is_some_and(|n| n > 0)
             && stress("ve") == Some(0)
-            && stress("ve_any") == Some(0)
             && stress("wrong_bytes") == Some(0)
             && stress("unexpected_faults") == Some(0);
         if !ok {
@@ -132,6 +137,20 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
                 &format!("stress hypercalls (MapGPA, ACCEPT, flushed pages) {work:?} do not match {rounds} round trips"),
             );
         }
+        // #VEs during the stress are now expected for what a TD's VMM
+        // emulates (the ICR writes of every shootdown, the timer): none of
+        // them is an EPT violation (checked above), and they are reported
+        // by kind.
+        println!(
+            "  #VE during the stress: {:?} (all kinds); whole run by kind: io={} cpuid={} rdmsr={} wrmsr={} hlt={} ept_violation={}",
+            stress("ve_any"),
+            counter(&report, "ve_io"),
+            counter(&report, "ve_cpuid"),
+            counter(&report, "ve_rdmsr"),
+            counter(&report, "ve_wrmsr"),
+            counter(&report, "ve_hlt"),
+            counter(&report, "ve_ept_violation"),
+        );
         if counter(&report, "pages_to_shared") < rounds {
             fail_with_log(&run, "fewer pages went shared than the stress converted");
         }
@@ -170,20 +189,37 @@ fn td_survives_mapgpa_retry_every_page_and_refused_2m_accept() {
 
 /// The negative control: the same stress in the legacy order (flip the
 /// shared bit in live entries, flush, MapGPA) meets pages in the other
-/// state, and the emulator sees EPT-violation #VEs.
+/// state. The emulator counts those wrong-state accesses under every VMM
+/// policy; what follows depends on the policy: an EPT-violation #VE (which
+/// fails the guest's run), an implicit conversion by the VMM, or a TD
+/// shutdown. Without this the TD stress would prove nothing.
 #[test]
-fn td_legacy_order_raises_ept_violation_ve() {
+fn td_legacy_order_meets_pages_in_the_wrong_state_under_every_policy() {
     let guest = guest_legacy_elf().unwrap_or_else(|e| panic!("{e}"));
-    let (run, report) = td_boot(guest, 4, "strict", "order=legacy");
-    let ve = counter(&report, "ve_ept_violation");
-    if ve == 0 || ve == u64::MAX {
-        fail_with_log(
-            &run,
-            "the legacy order raised no EPT-violation #VE: the TD stress would prove nothing",
+    for policy in ["ve", "convert", "shutdown"] {
+        let options = format!("strict wrong-state={policy}");
+        let (run, report) = td_boot(guest.clone(), 4, &options, "order=legacy");
+        let wrong = counter(&report, "wrong_state");
+        if wrong == 0 || wrong == u64::MAX {
+            fail_with_log(
+                &run,
+                &format!("policy {policy}: the legacy order met no page in the wrong state"),
+            );
+        }
+        if run.exit_code == Some(qemu_harness::EXIT_PASS) {
+            fail_with_log(
+                &run,
+                &format!("policy {policy}: the legacy order passed despite {wrong} wrong-state accesses"),
+            );
+        }
+        let ve = counter(&report, "ve_ept_violation");
+        if policy == "ve" && (ve == 0 || run.exit_code != Some(EXIT_FAIL)) {
+            fail_with_log(&run, "policy ve: no EPT-violation #VE, or the guest did not fail");
+        }
+        println!(
+            "legacy order, policy {policy}: wrong_state={wrong} ve_ept_violation={ve} implicit_conversions={} exit {:?}",
+            counter(&report, "implicit_conversions"),
+            run.exit_code
         );
     }
-    if run.exit_code != Some(EXIT_FAIL) {
-        fail_with_log(&run, "an EPT-violation #VE must fail the guest's run");
-    }
-    println!("legacy order: {ve} EPT-violation #VE(s), as expected");
 }
