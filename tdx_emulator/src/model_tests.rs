@@ -1292,10 +1292,16 @@ fn racing_accepts_of_one_page_succeed_once_and_insert_the_alias_once() {
             assert_eq!(total, 8, "every page accepted exactly once");
         }
         stop.store(true, Ordering::SeqCst);
-        assert!(r.join().unwrap() > 0, "the reader checked something");
+        let checked = r.join().unwrap();
+        println!("ACCEPT vs ACCEPT: the reader checked {checked} stable states");
+        assert!(checked > 0, "the reader checked something");
     });
     fake.assert_clean();
     assert_eq!(load(&counters.accepts[0]), 2400);
+    println!(
+        "ACCEPT vs ACCEPT: 2400 pages accepted once each, {} OPERAND_BUSY answers",
+        load(&counters.accept_busy)
+    );
 }
 
 #[test]
