@@ -130,7 +130,10 @@ mod tests {
 
     #[test]
     fn encoding_matches_svm() {
-        assert_eq!(Event::exception(13, Some(0)).to_event_injection(), 0x8000_0b0d);
+        assert_eq!(
+            Event::exception(13, Some(0)).to_event_injection(),
+            0x8000_0b0d
+        );
         assert_eq!(Event::exception(6, None).to_event_injection(), 0x8000_0306);
         assert_eq!(Event::interrupt(0xfd).to_event_injection(), 0x8000_00fd);
         assert_eq!(Event::from_exit_int_info(0x0000_00ec), None);

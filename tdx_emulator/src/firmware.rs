@@ -474,7 +474,10 @@ mod tests {
         let flags = le32(fadt, 112);
         assert_eq!(flags, (1 << 20) | (1 << 10));
         // IAPC_BOOT_ARCH: no VGA, no CMOS RTC, no 8042.
-        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), (1 << 2) | (1 << 5));
+        assert_eq!(
+            u16::from_le_bytes([fadt[109], fadt[110]]),
+            (1 << 2) | (1 << 5)
+        );
         // Every legacy PM block absent.
         assert!(fadt[44..109].iter().all(|&b| b == 0));
         assert_eq!(fadt[111], 0);

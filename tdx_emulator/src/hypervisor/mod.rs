@@ -224,7 +224,10 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         "this CPU has no SVM with nested paging (use -cpu qemu64,+svm,+npt)"
     );
     let td_bytes = u64::from(options.memory_mib) << 20;
-    assert!(td_bytes <= MAX_TD_BYTES, "memory option checked when parsed");
+    assert!(
+        td_bytes <= MAX_TD_BYTES,
+        "memory option checked when parsed"
+    );
     let td_ram = info
         .ram()
         .any(|r| r.start <= TD_BASE && TD_BASE + td_bytes <= r.end());

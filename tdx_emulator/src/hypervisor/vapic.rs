@@ -106,10 +106,7 @@ pub fn take_highest_pending(vcpu: usize) -> Option<u8> {
 }
 
 pub fn has_pending(vcpu: usize) -> bool {
-    apic(vcpu)
-        .irr
-        .iter()
-        .any(|w| w.load(Ordering::SeqCst) != 0)
+    apic(vcpu).irr.iter().any(|w| w.load(Ordering::SeqCst) != 0)
 }
 
 fn timer_lvt(vcpu: usize) -> u64 {
@@ -194,7 +191,10 @@ pub enum ApicWrite {
     /// The VMM refuses it (an error status for the TDVMCALL).
     Refused,
     /// Fixed interrupt `vector` to `targets`.
-    Ipi { targets: VcpuSet, vector: u8 },
+    Ipi {
+        targets: VcpuSet,
+        vector: u8,
+    },
 }
 
 /// Reads an APIC register of `vcpu` (native or on the VMM's side alike).
@@ -316,7 +316,11 @@ pub fn write(vcpu: usize, msr: u32, value: u64) -> ApicWrite {
 /// An ICR write: fixed (or lowest-priority, delivered as fixed) IPIs.
 fn icr(vcpu: usize, value: u64) -> ApicWrite {
     let vcpus = VCPUS.load(Ordering::SeqCst).min(64);
-    let all = if vcpus >= 64 { u64::MAX } else { (1u64 << vcpus) - 1 };
+    let all = if vcpus >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << vcpus) - 1
+    };
     let vector = value as u8;
     match (value >> 8) & 7 {
         0 | 1 if vector >= 16 => {}

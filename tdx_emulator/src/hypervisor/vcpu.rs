@@ -540,7 +540,11 @@ impl Vcpu {
         };
         let (cr, gpr, value) = match instruction {
             CrInstruction::MovToCr { cr, gpr, .. } => (cr, gpr, self.gpr(gpr)),
-            CrInstruction::Clts => (0, 0, control_regs::after_clts(self.vmcb.read_u64(save::CR0))),
+            CrInstruction::Clts => (
+                0,
+                0,
+                control_regs::after_clts(self.vmcb.read_u64(save::CR0)),
+            ),
         };
         let (verdict, offset) = match cr {
             0 => (control_regs::cr0_write(value), save::CR0),
@@ -651,7 +655,8 @@ impl Vcpu {
             msr::NativeWrite::Store(new) => {
                 if kind == msr::NativeMsr::Efer {
                     self.vmcb.write_u64(save::EFER, new | EFER_SVME);
-                } else if let Some(slot) = self.stored.iter_mut().find(|(m, _)| *m == msr || *m == 0)
+                } else if let Some(slot) =
+                    self.stored.iter_mut().find(|(m, _)| *m == msr || *m == 0)
                 {
                     *slot = (msr, new);
                 }

@@ -639,7 +639,10 @@ mod tests {
         assert_eq!(value_of(&a, "-kernel"), ["emu"]);
         assert_eq!(value_of(&a, "-initrd"), ["bzImage"]);
         assert_eq!(value_of(&a, "-smp"), ["4"]);
-        assert_eq!(value_of(&a, "-cpu"), ["qemu64,+svm,+npt,+rdrand,phys-bits=48"]);
+        assert_eq!(
+            value_of(&a, "-cpu"),
+            ["qemu64,+svm,+npt,+rdrand,phys-bits=48"]
+        );
         // Default TD memory (1024) plus the emulator's own 1024.
         assert_eq!(value_of(&a, "-m"), ["2048M"]);
         assert_eq!(

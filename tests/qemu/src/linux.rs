@@ -61,7 +61,10 @@ pub fn serial_part(log: &str) -> &str {
 /// UART has no interrupt and a tty write would never drain.
 fn without_timestamp(line: &str) -> &str {
     let line = line.trim_start();
-    match line.strip_prefix('[').and_then(|rest| rest.split_once("] ")) {
+    match line
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+    {
         Some((stamp, rest)) if stamp.trim().parse::<f64>().is_ok() => rest,
         _ => line,
     }

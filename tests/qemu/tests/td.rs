@@ -209,12 +209,17 @@ fn td_legacy_order_meets_pages_in_the_wrong_state_under_every_policy() {
         if run.exit_code == Some(qemu_harness::EXIT_PASS) {
             fail_with_log(
                 &run,
-                &format!("policy {policy}: the legacy order passed despite {wrong} wrong-state accesses"),
+                &format!(
+                    "policy {policy}: the legacy order passed despite {wrong} wrong-state accesses"
+                ),
             );
         }
         let ve = counter(&report, "ve_ept_violation");
         if policy == "ve" && (ve == 0 || run.exit_code != Some(EXIT_FAIL)) {
-            fail_with_log(&run, "policy ve: no EPT-violation #VE, or the guest did not fail");
+            fail_with_log(
+                &run,
+                "policy ve: no EPT-violation #VE, or the guest did not fail",
+            );
         }
         println!(
             "legacy order, policy {policy}: wrong_state={wrong} ve_ept_violation={ve} implicit_conversions={} exit {:?}",
