@@ -11,6 +11,7 @@
 pub mod bzimage;
 pub mod control_regs;
 pub mod cpuid;
+pub mod decode;
 pub mod elf;
 pub mod events;
 pub mod firmware;

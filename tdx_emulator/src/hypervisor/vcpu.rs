@@ -11,6 +11,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use pagetable::{CcMask, PageTables, PagingMode, PhysAddr, VirtAddr};
 use tdx_emulator::control_regs::{self, CrInstruction, CrWrite};
 use tdx_emulator::cpuid::{self, CpuidAnswer, CpuidConfig};
+use tdx_emulator::decode;
 use tdx_emulator::events::{self, Event};
 use tdx_emulator::model::{
     exit_reason, vmm_write, Access, FaultEffect, Gpr, TdcallEffect, VcpuState, VeInfo,
@@ -718,10 +719,34 @@ impl Vcpu {
             write: error & 2 != 0,
             fetch: error & 16 != 0,
         };
-        // SVM reports no guest linear address for a nested fault; the
-        // instruction's memory operand would give it (not decoded yet: 0).
-        let effect = td().nested_fault(&mut self.state, gpa, 0, access, self.memory);
+        let gla = self.faulting_linear_address();
+        let effect = td().nested_fault(&mut self.state, gpa, gla, access, self.memory);
         self.fault_effect(effect)
+    }
+
+    /// The linear address the faulting instruction accessed: SVM reports
+    /// none for a nested fault, the TDX module puts it in the #VE info, and
+    /// Linux's handle_mmio checks it. Decoded from the instruction's memory
+    /// operand (tdx_emulator::decode); 0 when it is not one of the MMIO
+    /// instructions Linux decodes either.
+    fn faulting_linear_address(&self) -> u64 {
+        let rip = self.vmcb.segment_base(save::CS) + self.rip();
+        let mut bytes = [0u8; 15];
+        let mut fetched = 0;
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            match self.read_guest_byte(rip + i as u64) {
+                Some(value) => *byte = value,
+                None => break,
+            }
+            fetched = i + 1;
+        }
+        let context = decode::AddressContext {
+            gprs: core::array::from_fn(|n| self.gpr(n as u8)),
+            rip,
+            fs_base: self.vmcb.segment_base(save::FS),
+            gs_base: self.vmcb.segment_base(save::GS),
+        };
+        decode::memory_operand_address(&bytes[..fetched], &context).unwrap_or(0)
     }
 
     /// TDVMCALL<HLT>: sleep until an interrupt for this vCPU is pending (the
