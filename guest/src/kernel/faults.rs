@@ -37,7 +37,7 @@ pub fn install() {
     idt::set_handler(vector::PAGE_FAULT, page_fault);
     idt::set_handler(vector::VIRTUALIZATION, virtualization_exception);
     idt::set_handler(vector::GENERAL_PROTECTION, unexpected);
-    idt::set_handler(vector::INVALID_OPCODE, unexpected);
+    idt::set_handler(vector::INVALID_OPCODE, invalid_opcode);
     idt::set_handler(vector::NMI, unexpected);
     idt::set_handler(vector::DOUBLE_FAULT, unexpected);
 }
@@ -107,6 +107,42 @@ fn ept_violation(frame: &Frame, ve: &VeInfo) -> ! {
             ve.guest_physical_address, ve.guest_linear_address, ve.exit_qualification
         )),
     );
+}
+
+// One `ud2` at a known address (what BUG()/WARN() execute), for the test
+// that a #UD reaches the guest: in a TD the emulator sees every #UD first
+// (TDCALL arrives as one) and must reflect the others.
+core::arch::global_asm!(
+    ".pushsection .text.test_ud2, \"ax\"",
+    ".global guest_test_ud2",
+    "guest_test_ud2:",
+    "ud2",
+    "ret",
+    ".popsection",
+);
+
+extern "C" {
+    fn guest_test_ud2();
+}
+
+/// #UDs taken at `guest_test_ud2` and stepped over.
+pub static TEST_UD_TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Executes the test `ud2`; its handler steps over it.
+pub fn execute_test_ud2() {
+    // SAFETY: `guest_test_ud2` is `ud2; ret`: the #UD handler below moves
+    // RIP past the ud2 (2 bytes), and the `ret` returns here. It touches no
+    // memory but the return address the call pushed.
+    unsafe { guest_test_ud2() }
+}
+
+fn invalid_opcode(frame: &mut Frame) {
+    if frame.rip == guest_test_ud2 as *const () as u64 {
+        TEST_UD_TAKEN.fetch_add(1, Ordering::SeqCst);
+        frame.rip += 2;
+        return;
+    }
+    unexpected(frame);
 }
 
 fn unexpected(frame: &mut Frame) {

@@ -34,7 +34,18 @@ pub const TESTS: &[Test] = &[
         "flush_window_maps_frame_as_it_is",
         flush_window_maps_frame_as_it_is,
     ),
+    ("ud2_reaches_the_guest", ud2_reaches_the_guest),
 ];
+
+/// A `ud2` (BUG()/WARN()) raises the guest's own #UD: in a TD the emulator
+/// intercepts every #UD to find TDCALLs and must reflect the rest.
+fn ud2_reaches_the_guest() -> TestResult {
+    let before = super::faults::TEST_UD_TAKEN.load(Ordering::SeqCst);
+    super::faults::execute_test_ud2();
+    let taken = super::faults::TEST_UD_TAKEN.load(Ordering::SeqCst) - before;
+    ensure!(taken == 1, "{taken} #UD taken at the test ud2, want 1");
+    Ok(())
+}
 
 /// Test block `n` (2M each) of the reserved test area, as a direct-map VA.
 fn block(n: u64) -> u64 {

@@ -65,6 +65,17 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
     if !run.log.contains("running as a TD") {
         fail_with_log(&run, "the guest did not detect the TD");
     }
+    // The guest's test ud2 went through the emulator's #UD intercept and
+    // was reflected (a TDCALL is a #UD too; everything else is the guest's).
+    if counter(&report, "reflected_ud") != 1 {
+        fail_with_log(
+            &run,
+            &format!(
+                "emulator reflected {} #UDs, want 1 (the guest's test ud2)",
+                counter(&report, "reflected_ud")
+            ),
+        );
+    }
     for key in [
         "ve_ept_violation",
         "wrong_state",
