@@ -180,7 +180,7 @@ fn td_passes_with_2_vcpus_strict() {
 }
 
 #[test]
-fn td_passes_with_4_vcpus_strict_and_the_stress_raises_no_ve() {
+fn td_passes_with_4_vcpus_strict_and_the_stress_meets_no_page_in_the_wrong_state() {
     passes_as_td(4, "strict");
 }
 
