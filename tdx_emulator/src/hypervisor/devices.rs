@@ -14,6 +14,11 @@ pub static ABSENT_IO: AtomicU64 = AtomicU64::new(0);
 pub static ABSENT_MMIO: AtomicU64 = AtomicU64::new(0);
 
 const COM1: core::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
+/// The emulator's counter-snapshot port: a 32-bit write of a tag prints
+/// one `TDXEMU snapshot=<tag> ...` line with every counter, so a TD can
+/// bracket a measurement (the Linux benchmark module does) and the harness
+/// takes differences. Not a device a real TD has: test instrumentation.
+pub const SNAPSHOT_PORT: u16 = 0xf8;
 /// Keyboard controller command port: 0xFE pulses the reset line.
 const KBD_COMMAND: u16 = 0x64;
 /// The PCI reset control register: bit 2 with bit 1 resets.
@@ -45,6 +50,10 @@ pub fn port_io(port: u16, size: u8, write: bool, value: u32) -> Option<u32> {
         // The TD is done: the counters first, then its verdict.
         super::print_counters();
         bare::exit::qemu_exit(value);
+    }
+    if write && port == SNAPSHOT_PORT {
+        super::print_counters_tagged(Some(value));
+        return None;
     }
     if COM1.contains(&port) {
         // SAFETY: COM1 is the one device the TD drives directly; the

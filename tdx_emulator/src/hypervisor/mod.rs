@@ -576,6 +576,12 @@ extern "C" fn emulator_ap_main(cpu: usize) -> ! {
 
 /// One line the harness parses: `TDXEMU name=value ...`.
 pub fn print_counters() {
+    print_counters_tagged(None)
+}
+
+/// The counters line, with `snapshot=<tag>` first when a TD asked for it
+/// through devices::SNAPSHOT_PORT.
+pub fn print_counters_tagged(tag: Option<u32>) {
     let c = &COUNTERS;
     let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
     let ve = |reason| c.ve(reason);
@@ -621,7 +627,10 @@ pub fn print_counters() {
             load(&devices::ABSENT_IO) + load(&devices::ABSENT_MMIO),
         ),
     ];
-    println!("TDXEMU{}", CounterLine(&counters));
+    match tag {
+        Some(tag) => println!("TDXEMU snapshot={tag}{}", CounterLine(&counters)),
+        None => println!("TDXEMU{}", CounterLine(&counters)),
+    }
 }
 
 struct CounterLine<'a>(&'a [(&'a str, u64)]);

@@ -483,7 +483,11 @@ pub fn parse_log(log: &str) -> Report {
         } else if let Some(rest) = line.strip_prefix("STRESS ") {
             parse_counters(rest, &mut report.stress);
         } else if let Some(rest) = line.strip_prefix("TDXEMU ") {
-            parse_counters(rest, &mut report.tdx);
+            // Snapshots a TD asked for mid-run (`TDXEMU snapshot=<tag> ...`)
+            // are not the run's totals.
+            if !rest.starts_with("snapshot=") {
+                parse_counters(rest, &mut report.tdx);
+            }
         } else if let Some(rest) = line.strip_prefix("SUMMARY ") {
             let field = |key: &str| {
                 rest.split_whitespace()
@@ -571,6 +575,14 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "guest: booted\nPLAN 2\nTEST a ok\nTEST b ok\nSTRESS cpus=2 conversions=10000 fixups=5\nSUMMARY passed=2 failed=0\nTDXEMU ve_ept_violation=0 map_gpa_calls=7\n";
+
+    #[test]
+    fn counter_snapshots_are_not_the_totals() {
+        let log = "TDXEMU snapshot=1 map_gpa_calls=3\nTDXEMU map_gpa_calls=7\n";
+        let report = parse_log(log);
+        assert_eq!(report.tdx.get("map_gpa_calls"), Some(&7));
+        assert_eq!(report.tdx.get("snapshot"), None);
+    }
 
     #[test]
     fn a_good_log_passes() {
