@@ -148,6 +148,21 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
                 &format!("stress hypercalls (MapGPA, ACCEPT, flushed pages) {work:?} do not match {rounds} round trips"),
             );
         }
+        // The race line Linux's side prints too (issue 8), from the guest's
+        // stress counters and the emulator's.
+        let policy = options
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("wrong-state="))
+            .unwrap_or("convert");
+        println!(
+            "RACE kernel=ours policy={policy} cpus={cpus} conversions={} loads={} fixups={} wrong_state={} ve_ept={} wrong_bytes={}",
+            stress("conversions").unwrap_or(0),
+            stress("loads").unwrap_or(0),
+            stress("fixups").unwrap_or(0),
+            counter(&report, "wrong_state"),
+            counter(&report, "ve_ept_violation"),
+            stress("wrong_bytes").unwrap_or(0),
+        );
         // #VEs during the stress are now expected for what a TD's VMM
         // emulates (the ICR writes of every shootdown, the timer): none of
         // them is an EPT violation (checked above), and they are reported
