@@ -193,6 +193,11 @@ pub struct Options {
     pub refuse_large_accept: bool,
     /// TD memory in MiB (`memory=`).
     pub memory_mib: u32,
+    /// Fault injection (`inject-double-ve=<N>`): the Nth #VE of the run
+    /// arrives as if a second #VE had come before the guest's VEINFO.GET,
+    /// i.e. as #DF with the #VE info latched (0: never). Tests a guest's #DF
+    /// path in a TD, which must read the info before it does port IO.
+    pub double_ve_at: u64,
 }
 
 impl Default for Options {
@@ -203,6 +208,7 @@ impl Default for Options {
             map_gpa_retry_every_page: false,
             refuse_large_accept: false,
             memory_mib: 1024,
+            double_ve_at: 0,
         }
     }
 }
@@ -217,6 +223,8 @@ pub enum OptionErrorKind {
     MemoryOutOfRange,
     /// `wrong-state=` with something else than ve, convert or shutdown.
     WrongStatePolicy,
+    /// `inject-double-ve=` without a number from 1 on.
+    DoubleVeNotANumber,
 }
 
 /// A refused option word; `Display` gives one line naming it and why.
@@ -233,7 +241,7 @@ impl fmt::Display for OptionError<'_> {
             OptionErrorKind::Unknown => write!(
                 f,
                 "unknown (known: strict, accepted, memory=<MiB>, wrong-state=ve|convert|shutdown, \
-                 mapgpa-retry-every-page, refuse-large-accept)"
+                 mapgpa-retry-every-page, refuse-large-accept, inject-double-ve=<N>)"
             ),
             OptionErrorKind::MemoryNotANumber => {
                 write!(f, "memory= needs a size in MiB, a decimal number")
@@ -246,6 +254,9 @@ impl fmt::Display for OptionError<'_> {
             ),
             OptionErrorKind::WrongStatePolicy => {
                 write!(f, "wrong-state= takes ve, convert or shutdown")
+            }
+            OptionErrorKind::DoubleVeNotANumber => {
+                write!(f, "inject-double-ve= needs which #VE, a number from 1 on")
             }
         }
     }
@@ -274,6 +285,11 @@ impl Options {
                         return error(OptionErrorKind::MemoryOutOfRange);
                     }
                     self.memory_mib = mib;
+                } else if let Some(n) = word.strip_prefix("inject-double-ve=") {
+                    match n.parse::<u64>() {
+                        Ok(n) if n >= 1 => self.double_ve_at = n,
+                        _ => return error(OptionErrorKind::DoubleVeNotANumber),
+                    }
                 } else if let Some(policy) = word.strip_prefix("wrong-state=") {
                     self.wrong_state = match policy {
                         "ve" => WrongStatePolicy::Ve,
@@ -319,6 +335,9 @@ impl fmt::Display for Options {
         }
         if self.refuse_large_accept {
             f.write_str(" refuse-large-accept")?;
+        }
+        if self.double_ve_at != 0 {
+            write!(f, " inject-double-ve={}", self.double_ve_at)?;
         }
         Ok(())
     }
@@ -640,6 +659,8 @@ pub struct TdModel<'a> {
     /// TDCS TD_CTLS. PENDING_VE_DISABLE starts as ATTRIBUTES.SEPT_VE_DISABLE
     /// (module `tdh_mng_init.c`).
     td_ctls: AtomicU64,
+    /// #VEs raised so far (for `inject-double-ve`).
+    ves_raised: AtomicU64,
     pub counters: &'a Counters,
 }
 
@@ -682,6 +703,7 @@ impl<'a> TdModel<'a> {
             td_ctls: AtomicU64::new(u64::from(
                 Self::ATTRIBUTES & attributes::SEPT_VE_DISABLE != 0,
             )),
+            ves_raised: AtomicU64::new(0),
             counters,
         }
     }
@@ -797,6 +819,12 @@ impl<'a> TdModel<'a> {
             Counters::bump(counter);
         }
         vcpu.ve_latched = Some(info);
+        let raised = self.ves_raised.fetch_add(1, Ordering::SeqCst) + 1;
+        if raised == self.options.double_ve_at {
+            // As if another #VE had followed this one before VEINFO.GET.
+            Counters::bump(&self.counters.double_faults);
+            return FaultEffect::DoubleFault;
+        }
         FaultEffect::VirtualizationException
     }
 

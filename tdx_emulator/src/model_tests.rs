@@ -258,6 +258,7 @@ fn option_words_set_options() {
             map_gpa_retry_every_page: true,
             refuse_large_accept: true,
             memory_mib: 1536,
+            double_ve_at: 0,
         }
     );
     o.parse_word("accepted").unwrap();
@@ -563,6 +564,38 @@ fn second_ve_before_veinfo_get_is_a_double_fault() {
             model.nested_fault(&mut vcpu, mmio, 0, Access::READ, fake),
             FaultEffect::VirtualizationException
         );
+    });
+}
+
+#[test]
+fn inject_double_ve_turns_the_nth_ve_into_a_double_fault_with_the_info_latched() {
+    let mut options = Options::default();
+    options.parse_word("inject-double-ve=2").unwrap();
+    assert!(options.parse_word("inject-double-ve=0").is_err());
+    assert!(options.parse_word("inject-double-ve=x").is_err());
+    assert!(options.to_string().contains("inject-double-ve=2"));
+    with_td(16, options, |model, fake, counters| {
+        let mut vcpu = VcpuState::default();
+        let mmio = 0xfec0_0000 | S;
+        let first = model.nested_fault(&mut vcpu, mmio, 0, Access::READ, fake);
+        assert_eq!(first, FaultEffect::VirtualizationException);
+        let mut regs = TdcallRegs {
+            rax: 3,
+            ..TdcallRegs::default()
+        };
+        model.tdcall(&mut vcpu, &mut regs, fake);
+        let second = model.nested_fault(&mut vcpu, mmio + 8, 0, Access::READ, fake);
+        assert_eq!(second, FaultEffect::DoubleFault);
+        assert_eq!(load(&counters.double_faults), 1);
+        // The #DF handler finds the #VE's info latched.
+        let mut regs = TdcallRegs {
+            rax: 3,
+            ..TdcallRegs::default()
+        };
+        model.tdcall(&mut vcpu, &mut regs, fake);
+        assert_eq!((regs.rax, regs.r9), (0, mmio + 8));
+        let third = model.nested_fault(&mut vcpu, mmio, 0, Access::READ, fake);
+        assert_eq!(third, FaultEffect::VirtualizationException);
     });
 }
 

@@ -39,7 +39,35 @@ pub fn install() {
     idt::set_handler(vector::GENERAL_PROTECTION, unexpected);
     idt::set_handler(vector::INVALID_OPCODE, invalid_opcode);
     idt::set_handler(vector::NMI, unexpected);
-    idt::set_handler(vector::DOUBLE_FAULT, unexpected);
+    idt::set_handler(vector::DOUBLE_FAULT, double_fault);
+}
+
+/// #DF. In a TD a #DF can be a second #VE that came before VEINFO.GET
+/// (the TDX module escalates it): the #VE info is then still latched, and
+/// any port IO the report makes would be a #VE escalated to #DF again, a
+/// loop that ends in a triple fault with nothing reported. So read the info
+/// first (which frees the latch), then report, naming it.
+fn double_fault(frame: &mut Frame) {
+    let Some(tdcall) = super::td::tdcall() else {
+        fatal("#DF", frame, None, None);
+    };
+    match veinfo_get(tdcall) {
+        Ok(ve) => fatal(
+            "#DF",
+            frame,
+            None,
+            Some(format_args!(
+                "a #VE before VEINFO.GET: latched exit reason {}, qualification {:#x}, GPA {:#x}",
+                ve.exit_reason, ve.exit_qualification, ve.guest_physical_address
+            )),
+        ),
+        Err(e) => fatal(
+            "#DF",
+            frame,
+            None,
+            Some(format_args!("no #VE info latched ({e})")),
+        ),
+    }
 }
 
 fn page_fault(frame: &mut Frame) {
