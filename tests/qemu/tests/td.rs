@@ -254,3 +254,31 @@ fn td_legacy_order_meets_pages_in_the_wrong_state_under_every_policy() {
         );
     }
 }
+
+/// A second #VE before VEINFO.GET is a #DF in a TD (the emulator injects
+/// one at the 3000th #VE). The guest's #DF handler must read the latched
+/// info before it prints: printing is port IO, another #VE, which would be
+/// escalated again. Before that fix this run looped until the timeout with
+/// no report.
+#[test]
+fn td_a_double_fault_is_reported_not_a_loop() {
+    let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let (run, report) = td_boot(guest, 2, "strict inject-double-ve=3000", "");
+    let reported = run.log.contains("FATAL: kernel #DF")
+        && run
+            .log
+            .contains("a #VE before VEINFO.GET: latched exit reason");
+    if run.exit_code != Some(EXIT_FAIL) || !reported {
+        fail_with_log(
+            &run,
+            "the injected #DF did not end in the guest's #DF report and a failed run",
+        );
+    }
+    if counter(&report, "double_faults") != 1 {
+        fail_with_log(&run, "want exactly one #DF: the injected one");
+    }
+    println!(
+        "injected #DF reported after {:.1?}, exit {:?}",
+        run.elapsed, run.exit_code
+    );
+}
