@@ -26,9 +26,9 @@ ELFS := GUEST_ELF=$(GUEST_ELF) EMULATOR_ELF=$(EMULATOR_ELF) GUEST_LEGACY_ELF=$(G
 # scripts/fetch-linux-td.sh into a cache that is never committed.
 LINUX_TD_DIR := $(CURDIR)/target/linux-td
 LINUX_TD := LINUX_TD_KERNEL=$(LINUX_TD_DIR)/kernel LINUX_TD_BUSYBOX=$(LINUX_TD_DIR)/busybox \
-	LINUX_TD_SOURCE=$(LINUX_TD_DIR)/SOURCE
+	LINUX_TD_SOURCE=$(LINUX_TD_DIR)/SOURCE LINUX_TD_MODULE=$(LINUX_TD_DIR)/coco_race.ko
 
-.PHONY: setup guest run run-td linux-td-fetch linux-td run-linux-td demo test fmt
+.PHONY: setup guest run run-td linux-td-fetch linux-td linux-race run-linux-td demo test fmt
 
 setup:
 	@./scripts/setup.sh
@@ -51,6 +51,11 @@ linux-td-fetch: setup
 # The Linux-TD tests alone (tests/qemu/tests/linux_td.rs).
 linux-td: guest linux-td-fetch
 	$(ELFS) $(LINUX_TD) $(CARGO) test -p qemu-harness --test linux_td -- --nocapture
+
+# Issue 8, Linux's side: Linux's own conversion race (wrong-state=ve and
+# convert) and its cost bench, through the coco_race module.
+linux-race: guest linux-td-fetch
+	$(ELFS) $(LINUX_TD) $(CARGO) test -p qemu-harness --test linux_race -- --nocapture
 
 # Debian's kernel with the test's initramfs as a TD, 4 vCPUs, default options.
 run-linux-td: guest linux-td-fetch

@@ -13,6 +13,11 @@
 # --refresh resolves and downloads again.
 # Needs root only when apt cannot find the kernel: it then adds a
 # bookworm-backports source and runs apt-get update once.
+#
+# Then, cached or not, scripts/build-linux-td-module.sh builds
+# linux-td/module/ (coco_race.ko) against Debian's linux-headers of exactly
+# this kernel into CACHE_DIR/coco_race.ko (headers in CACHE_DIR/headers/),
+# and stops if headers and kernel do not match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +40,7 @@ say() { echo "fetch-linux-td: $*"; }
 
 if [ -z "$refresh" ] && [ -s "$cache/SOURCE" ] && [ -s "$cache/kernel" ] && [ -x "$cache/busybox" ]; then
     say "cached in $cache: $(grep -E '^kernel_package=|^kernel_version=' "$cache/SOURCE" | cut -d= -f2 | paste -sd' ')"
-    exit 0
+    exec scripts/build-linux-td-module.sh "$cache"
 fi
 
 for tool in apt-cache apt-get dpkg-deb sha256sum; do
@@ -171,3 +176,6 @@ install -m 755 "$work/busybox-root/bin/busybox" "$cache/busybox.new" && mv -f "$
 mv -f "$cache/SOURCE.new" "$cache/SOURCE"
 say "wrote $cache/{kernel,busybox,SOURCE}:"
 sed 's/^/  /' "$cache/SOURCE"
+
+# The module for issue 8's race and benchmark, for exactly this kernel.
+scripts/build-linux-td-module.sh "$cache"

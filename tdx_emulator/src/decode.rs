@@ -105,6 +105,21 @@ fn modrm_ea(c: &mut Cursor, modrm: u8, rex: u8, gprs: &[u64; 16]) -> Option<Ea> 
     Some(Ea::Sum(sum.wrapping_add(disp)))
 }
 
+/// The linear address of the byte that faulted, from the operand's start
+/// and the faulting GPA: an access that crosses into the next page faults
+/// on that page (the GPA's page offset is then below the operand's), and
+/// the hardware reports the address in it, which Linux's ZEROPAD fixup
+/// checks (`ex_handler_zeropad`: the fault address must be the next aligned
+/// word). A page never straddles more than once for these 1-8 byte accesses.
+pub const fn faulting_address(operand: u64, fault_gpa: u64) -> u64 {
+    let gpa_offset = fault_gpa & 0xfff;
+    if gpa_offset < operand & 0xfff {
+        (operand | 0xfff).wrapping_add(1) + gpa_offset
+    } else {
+        (operand & !0xfff) | gpa_offset
+    }
+}
+
 /// The linear address of the memory operand of the 64-bit-mode instruction in
 /// `bytes` (up to 15 bytes fetched at RIP; fewer if a fetch failed), or None
 /// if it is not one of the MMIO-style instructions Linux's
@@ -370,5 +385,18 @@ mod tests {
                 let _ = memory_operand_address(&buf[..len], &c);
             }
         }
+    }
+
+    #[test]
+    fn a_load_crossing_into_the_next_page_faults_at_that_page() {
+        // load_unaligned_zeropad at page end - 3: the 8-byte load faults on
+        // the next page, whose GPA offset is 0.
+        let operand = 0xffff_8880_0010_0ffd;
+        assert_eq!(
+            faulting_address(operand, 0x8000_0020_0000),
+            0xffff_8880_0010_1000
+        );
+        // A fault on the operand's own page keeps its address.
+        assert_eq!(faulting_address(0x1234_5678, 0x9_9678), 0x1234_5678);
     }
 }

@@ -719,7 +719,7 @@ impl Vcpu {
             write: error & 2 != 0,
             fetch: error & 16 != 0,
         };
-        let gla = self.faulting_linear_address();
+        let gla = self.faulting_linear_address(gpa);
         let effect = td().nested_fault(&mut self.state, gpa, gla, access, self.memory);
         self.fault_effect(effect)
     }
@@ -727,9 +727,9 @@ impl Vcpu {
     /// The linear address the faulting instruction accessed: SVM reports
     /// none for a nested fault, the TDX module puts it in the #VE info, and
     /// Linux's handle_mmio checks it. Decoded from the instruction's memory
-    /// operand (tdx_emulator::decode); 0 when it is not one of the MMIO
-    /// instructions Linux decodes either.
-    fn faulting_linear_address(&self) -> u64 {
+    /// operand (tdx_emulator::decode), moved to the page the access faulted
+    /// on; 0 when it is not one of the MMIO instructions Linux decodes either.
+    fn faulting_linear_address(&self, gpa: u64) -> u64 {
         let rip = self.vmcb.segment_base(save::CS) + self.rip();
         let mut bytes = [0u8; 15];
         let mut fetched = 0;
@@ -746,7 +746,8 @@ impl Vcpu {
             fs_base: self.vmcb.segment_base(save::FS),
             gs_base: self.vmcb.segment_base(save::GS),
         };
-        decode::memory_operand_address(&bytes[..fetched], &context).unwrap_or(0)
+        decode::memory_operand_address(&bytes[..fetched], &context)
+            .map_or(0, |operand| decode::faulting_address(operand, gpa))
     }
 
     /// TDVMCALL<HLT>: sleep until an interrupt for this vCPU is pending (the

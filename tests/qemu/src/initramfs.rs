@@ -394,6 +394,20 @@ pub fn linux_td_entries(init: Vec<u8>, busybox: Vec<u8>) -> Vec<Entry> {
     ]
 }
 
+/// Where linux-td/init looks for issue 8's kernel module.
+pub const RACE_MODULE_PATH: &str = "lib/modules-test/coco_race.ko";
+
+/// The Linux-TD initramfs with the race module `module` (coco_race.ko) at
+/// [`RACE_MODULE_PATH`]; linux-td/init loads it only when the command line
+/// says `coco_race=race` or `coco_race=bench`.
+pub fn linux_td_race_entries(init: Vec<u8>, busybox: Vec<u8>, module: Vec<u8>) -> Vec<Entry> {
+    let mut entries = linux_td_entries(init, busybox);
+    entries.push(Entry::directory("lib", 0o755));
+    entries.push(Entry::directory("lib/modules-test", 0o755));
+    entries.push(Entry::file(RACE_MODULE_PATH, 0o644, module));
+    entries
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
     std::fs::read(path).map_err(|e| InitramfsError::Io {
         path: path.to_path_buf(),
@@ -410,6 +424,22 @@ pub fn build_linux_td_initramfs(
     out: &Path,
 ) -> Result<(), InitramfsError> {
     let archive = write_newc(&linux_td_entries(read(init)?, read(busybox)?))?;
+    write_archive(&archive, out)
+}
+
+/// [`build_linux_td_initramfs`] with the race module added
+/// ([`linux_td_race_entries`]).
+pub fn build_linux_td_race_initramfs(
+    init: &Path,
+    busybox: &Path,
+    module: &Path,
+    out: &Path,
+) -> Result<(), InitramfsError> {
+    let entries = linux_td_race_entries(read(init)?, read(busybox)?, read(module)?);
+    write_archive(&write_newc(&entries)?, out)
+}
+
+fn write_archive(archive: &[u8], out: &Path) -> Result<(), InitramfsError> {
     let io = |path: &Path, e: std::io::Error| InitramfsError::Io {
         path: path.to_path_buf(),
         error: e.to_string(),
@@ -418,7 +448,7 @@ pub fn build_linux_td_initramfs(
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     }
     let partial = out.with_extension(format!("partial.{}", std::process::id()));
-    std::fs::write(&partial, &archive).map_err(|e| io(&partial, e))?;
+    std::fs::write(&partial, archive).map_err(|e| io(&partial, e))?;
     std::fs::rename(&partial, out).map_err(|e| io(out, e))
 }
 
@@ -431,6 +461,25 @@ mod tests {
             b"#!/bin/sh\necho hi\n".to_vec(),
             vec![0x7f, b'E', b'L', b'F', 1],
         )
+    }
+
+    #[test]
+    fn the_race_initramfs_adds_the_module_where_init_looks() {
+        let module = vec![0x7f, b'E', b'L', b'F', 2];
+        let entries = linux_td_race_entries(b"#!/bin/sh\n".to_vec(), vec![1], module.clone());
+        assert_eq!(
+            &entries[..8],
+            &linux_td_entries(b"#!/bin/sh\n".to_vec(), vec![1])[..]
+        );
+        let members = parse_newc(&write_newc(&entries).unwrap()).unwrap();
+        let ko = members.iter().find(|m| m.name == RACE_MODULE_PATH).unwrap();
+        assert_eq!(ko.data, module);
+        assert_eq!(ko.mode, 0o100644);
+        let init = std::fs::read_to_string(crate::linux_td_init_script()).unwrap();
+        assert!(
+            init.contains(&format!("/{RACE_MODULE_PATH}")),
+            "linux-td/init must look there"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub mod cli;
 pub mod initramfs;
 pub mod linux;
+pub mod module;
 
 /// How QEMU runs a program: the guest alone, the guest as a TD under the
 /// TDX-module emulator, or any kernel file either way.
@@ -38,6 +39,11 @@ pub enum Machine {
     },
     /// Any kernel file as a TD (see [`TdKernel`]).
     TdKernel(TdKernel),
+    /// The same, with multi-threaded TCG: for a Linux run that needs its
+    /// vCPUs to really run in parallel (the conversion race of
+    /// tests/qemu/tests/linux_race.rs), at the risk described at
+    /// [`qemu_command`].
+    TdKernelParallel(TdKernel),
 }
 
 /// A kernel file booted as a TD under the TDX-module emulator.
@@ -110,7 +116,10 @@ impl TdKernel {
 impl Machine {
     /// Whether this machine runs under the TDX-module emulator.
     pub fn is_td(&self) -> bool {
-        matches!(self, Machine::Td { .. } | Machine::TdKernel(_))
+        matches!(
+            self,
+            Machine::Td { .. } | Machine::TdKernel(_) | Machine::TdKernelParallel(_)
+        )
     }
 }
 
@@ -318,7 +327,9 @@ pub fn qemu_command(machine: &Machine, cpus: u32, append: Option<&str>) -> Comma
             };
             td_kernel(&mut command, &td, append);
         }
-        Machine::TdKernel(td) => td_kernel(&mut command, td, append),
+        Machine::TdKernel(td) | Machine::TdKernelParallel(td) => {
+            td_kernel(&mut command, td, append)
+        }
     }
     command
 }
