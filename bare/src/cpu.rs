@@ -178,16 +178,20 @@ pub fn read_tsc() -> u64 {
     (u64::from(high) << 32) | u64::from(low)
 }
 
+// cli/sti/hlt are compiler barriers on purpose (no `nomem`): a handler may
+// read or write what the code around them does, so the compiler must not
+// move memory accesses into or out of an interrupts-off section.
+
 /// Enables interrupts.
 pub fn enable_interrupts() {
     // SAFETY: handlers are installed before anyone calls this.
-    unsafe { asm!("sti", options(nomem, nostack)) }
+    unsafe { asm!("sti", options(nostack)) }
 }
 
 /// Disables interrupts.
 pub fn disable_interrupts() {
     // SAFETY: masking interrupts cannot break memory safety.
-    unsafe { asm!("cli", options(nomem, nostack)) }
+    unsafe { asm!("cli", options(nostack)) }
 }
 
 /// Whether RFLAGS.IF is set.
@@ -207,7 +211,7 @@ pub fn halt() {
 /// Enables interrupts and halts atomically (no wake-up lost in between).
 pub fn enable_interrupts_and_halt() {
     // SAFETY: STI's one-instruction shadow makes the pair atomic.
-    unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
+    unsafe { asm!("sti", "hlt", options(nostack)) }
 }
 
 /// Stops this CPU for good.

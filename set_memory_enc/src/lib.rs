@@ -514,14 +514,15 @@ where
     /// first split, so running out of memory changes nothing.
     fn split_boundaries(&self, range: Range) -> Result<u32, ConvError<P::Error>> {
         let walk = |e: WalkError| walk_error(e);
-        let needed = self
-            .tables
-            .splits_needed_at(VirtAddr(range.start))
-            .map_err(walk)?
-            + self
-                .tables
-                .splits_needed_at(VirtAddr(range.end))
-                .map_err(walk)?;
+        // A range may end exactly at the non-canonical hole (its last byte
+        // is canonical, check_arguments): no leaf straddles that end.
+        let mode = self.tables.mode();
+        let boundaries = [range.start, range.end].map(VirtAddr);
+        let inner = |va: &VirtAddr| mode.is_canonical(*va);
+        let mut needed = 0;
+        for boundary in boundaries.iter().filter(|va| inner(va)) {
+            needed += self.tables.splits_needed_at(*boundary).map_err(walk)?;
+        }
         if needed == 0 {
             return Ok(0);
         }
@@ -536,15 +537,15 @@ where
             }
         }
         let mut splits = 0;
-        for boundary in [range.start, range.end] {
-            match self.tables.split_at(VirtAddr(boundary), &reserve) {
+        for boundary in boundaries.iter().filter(|va| inner(va)) {
+            match self.tables.split_at(*boundary, &reserve) {
                 Ok(n) => splits += n,
                 // Cannot run out: `needed` frames were reserved and another
                 // CPU's split only lowers the need. A walk failure here
                 // means the tables changed under us.
                 Err(_) => {
                     reserve.release_to(&self.allocator);
-                    return Err(ConvError::TablesChanged(VirtAddr(boundary)));
+                    return Err(ConvError::TablesChanged(*boundary));
                 }
             }
         }

@@ -736,3 +736,26 @@ fn accept_failure_quarantines_from_the_failing_page_rounded_to_its_leaf() {
     assert_eq!(state(&w, DMAP + 4 * MIB2, MIB2), (true, false));
     assert_eq!(state(&w, DMAP + 5 * MIB2, MIB2), (false, false));
 }
+
+/// A range that ends exactly at the top of the lower canonical half
+/// (0x0000_8000_0000_0000, exclusive) is canonical: its last byte is.
+#[test]
+fn a_range_ending_at_the_top_of_the_lower_half_converts() {
+    let fake = tdx_fake();
+    let w = world(tdx_platform(&fake));
+    let last_page = 0x0000_8000_0000_0000 - PAGE_SIZE;
+    w.engine
+        .tables()
+        .map_leaf(
+            VirtAddr(last_page),
+            PhysAddr(CHUNK_A),
+            Level::Pt,
+            flags(),
+            false,
+            &w.mem,
+        )
+        .unwrap();
+    let result = w.engine.set_memory_shared(VirtAddr(last_page), 1);
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(state(&w, last_page, PAGE_SIZE), (true, true));
+}
