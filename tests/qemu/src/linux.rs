@@ -3,6 +3,8 @@
 //! of our `/init` (linux-td/init), no crash report, and how QEMU ended.
 
 use crate::describe_exit;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Printed by linux-td/init once userspace runs.
 pub const INIT_MARKER: &str = "LINUXTD init reached";
@@ -68,6 +70,59 @@ fn without_timestamp(line: &str) -> &str {
         Some((stamp, rest)) if stamp.trim().parse::<f64>().is_ok() => rest,
         _ => line,
     }
+}
+
+/// Whether CI is set (`CI=true`, as `.ci/run` does): missing test files
+/// are then a failure, never a skip.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Whether every file a Linux test needs exists. If not, `why` turns the
+/// list of missing files into the reason; then a panic (ending with
+/// `failure_note`) when `must`, else a loud SKIPPED banner and `false`.
+pub fn require_files(
+    test: &str,
+    files: &[&Path],
+    why: impl FnOnce(&str) -> String,
+    must: bool,
+    failure_note: &str,
+) -> bool {
+    let missing: Vec<String> = files
+        .iter()
+        .filter(|p| !p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = why(&missing.join(", "));
+    if must {
+        panic!("{test}: {why} ({failure_note})");
+    }
+    let banner = "!".repeat(78);
+    eprintln!("{banner}\nSKIPPED {test}: {why}\n{banner}");
+    println!("SKIPPED {test}: {why}");
+    false
+}
+
+/// The initramfs at `out`, built by `build` once per test binary (`cell`)
+/// and read back: a malformed archive would show up only as a kernel panic
+/// deep in the boot log. Panics naming `what` if either fails.
+pub fn initramfs_once<E: std::fmt::Display>(
+    cell: &'static OnceLock<Result<PathBuf, String>>,
+    out: PathBuf,
+    what: &str,
+    build: impl FnOnce(&Path) -> Result<(), E>,
+) -> PathBuf {
+    cell.get_or_init(|| {
+        build(&out).map_err(|e| e.to_string())?;
+        let bytes = std::fs::read(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        crate::initramfs::parse_newc(&bytes).map_err(|e| e.to_string())?;
+        Ok(out)
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("building {what}: {e}"))
 }
 
 /// Judges a Linux boot; on failure, every problem found, one per line.

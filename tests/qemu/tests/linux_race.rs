@@ -18,7 +18,7 @@
 //! Without the kernel files or the module these tests skip loudly, unless
 //! `CI` is set: then they fail.
 
-use qemu_harness::linux::{serial_part, CRASH_WORDS};
+use qemu_harness::linux::{ci, initramfs_once, require_files, serial_part, CRASH_WORDS};
 use qemu_harness::module::{
     bench_lines, bench_tags, delta, done_result, linux_td_module, linux_td_race_initramfs,
     race_line, snapshots, DONE, RACE_AFTER, RACE_BEFORE,
@@ -49,49 +49,38 @@ fn one_qemu_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
 /// The kernel and the race initramfs, or `None` after a loud message.
 fn files(test: &str) -> Option<(PathBuf, PathBuf)> {
     let (kernel, busybox, module) = (linux_td_kernel(), linux_td_busybox(), linux_td_module());
-    let missing: Vec<String> = [&kernel, &busybox, &module]
-        .iter()
-        .filter(|p| !p.is_file())
-        .map(|p| p.display().to_string())
-        .collect();
-    if !missing.is_empty() {
-        let why = format!(
-            "missing: {}. Run scripts/fetch-linux-td.sh (it builds the module with \
-             scripts/build-linux-td-module.sh)",
-            missing.join(", ")
-        );
-        if ci() {
-            panic!("{test}: {why} (a failure: CI is set)");
-        }
-        let banner = "!".repeat(78);
-        eprintln!("{banner}\nSKIPPED {test}: {why}\n{banner}");
-        println!("SKIPPED {test}: {why}");
+    let why = |missing: &str| {
+        format!(
+            "missing: {missing}. Run scripts/fetch-linux-td.sh (it builds the module with \
+             scripts/build-linux-td-module.sh)"
+        )
+    };
+    if !require_files(
+        test,
+        &[&kernel, &busybox, &module],
+        why,
+        ci(),
+        "a failure: CI is set",
+    ) {
         return None;
     }
     static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let initramfs = INITRAMFS
-        .get_or_init(|| {
-            let out = linux_td_race_initramfs();
+    let initramfs = initramfs_once(
+        &INITRAMFS,
+        linux_td_race_initramfs(),
+        "the race initramfs",
+        |out| {
             initramfs::build_linux_td_race_initramfs(
                 &linux_td_init_script(),
                 &busybox,
                 &module,
-                &out,
+                out,
             )
-            .map_err(|e| e.to_string())?;
-            let bytes = std::fs::read(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-            initramfs::parse_newc(&bytes).map_err(|e| e.to_string())?;
-            Ok(out)
-        })
-        .clone()
-        .unwrap_or_else(|e| panic!("building the race initramfs: {e}"));
+        },
+    );
     Some((kernel, initramfs))
 }
 

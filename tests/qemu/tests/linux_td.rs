@@ -13,7 +13,7 @@
 //! Without the fetched files these tests skip loudly, unless `CI` is set
 //! (or a `LINUX_TD_*` variable names a missing file): then they fail.
 
-use qemu_harness::linux::{judge_linux, Expect, LinuxBoot};
+use qemu_harness::linux::{ci, initramfs_once, judge_linux, require_files, Expect, LinuxBoot};
 use qemu_harness::{
     command_line, emulator_elf, emulator_errors, guest_elf, initramfs, linux_td_busybox,
     linux_td_init_script, linux_td_initramfs, linux_td_kernel, linux_td_source, parse_log,
@@ -73,49 +73,35 @@ impl Debian {
 
 /// Whether a missing kernel fails the test instead of skipping it.
 fn must_have_kernel() -> bool {
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     let configured = ["LINUX_TD_KERNEL", "LINUX_TD_BUSYBOX", "LINUX_TD_SOURCE"]
         .iter()
         .any(|v| std::env::var_os(v).is_some_and(|p| !p.is_empty()));
-    ci || configured
+    ci() || configured
 }
 
 /// The Debian files, or `None` (after a loud message) when they were never
 /// fetched on a developer's machine. Builds the initramfs once per run.
 fn debian(test: &str) -> Option<Debian> {
     let (kernel, busybox, source) = (linux_td_kernel(), linux_td_busybox(), linux_td_source());
-    let missing: Vec<String> = [&kernel, &busybox, &source]
-        .iter()
-        .filter(|p| !p.is_file())
-        .map(|p| p.display().to_string())
-        .collect();
-    if !missing.is_empty() {
-        let why = format!(
-            "Debian kernel files missing: {}. Run scripts/fetch-linux-td.sh (make linux-td does)",
-            missing.join(", ")
-        );
-        if must_have_kernel() {
-            panic!("{test}: {why} (a failure: CI is set or LINUX_TD_* names these files)");
-        }
-        let banner = "!".repeat(78);
-        eprintln!("{banner}\nSKIPPED {test}: {why}\n{banner}");
-        println!("SKIPPED {test}: {why}");
+    let why = |missing: &str| {
+        format!(
+            "Debian kernel files missing: {missing}. Run scripts/fetch-linux-td.sh (make linux-td does)"
+        )
+    };
+    let note = "a failure: CI is set or LINUX_TD_* names these files";
+    if !require_files(
+        test,
+        &[&kernel, &busybox, &source],
+        why,
+        must_have_kernel(),
+        note,
+    ) {
         return None;
     }
     static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let initramfs = INITRAMFS
-        .get_or_init(|| {
-            let out = linux_td_initramfs();
-            initramfs::build_linux_td_initramfs(&linux_td_init_script(), &busybox, &out)
-                .map_err(|e| e.to_string())?;
-            // Read back: a malformed archive would show up only as a
-            // kernel panic deep in the boot log.
-            let bytes = std::fs::read(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-            initramfs::parse_newc(&bytes).map_err(|e| e.to_string())?;
-            Ok(out)
-        })
-        .clone()
-        .unwrap_or_else(|e| panic!("building the initramfs: {e}"));
+    let initramfs = initramfs_once(&INITRAMFS, linux_td_initramfs(), "the initramfs", |out| {
+        initramfs::build_linux_td_initramfs(&linux_td_init_script(), &busybox, out)
+    });
     let source =
         std::fs::read_to_string(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
     Some(Debian {
