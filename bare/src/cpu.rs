@@ -14,6 +14,17 @@ pub unsafe fn outb(port: u16, value: u8) {
     }
 }
 
+/// Writes a u16 to an I/O port.
+///
+/// # Safety
+/// As [`outb`].
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: the caller owns the device behind `port`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
 /// Writes a u32 to an I/O port.
 ///
 /// # Safety

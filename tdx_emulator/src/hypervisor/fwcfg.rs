@@ -26,7 +26,7 @@ pub struct File {
 
 fn select(key: u16) {
     // SAFETY: the fw_cfg selector port on QEMU's PC machines; no memory.
-    unsafe { outw(SELECTOR_PORT, key) };
+    unsafe { bare::cpu::outw(SELECTOR_PORT, key) };
 }
 
 fn read_bytes(into: &mut [u8]) {
@@ -40,14 +40,6 @@ fn read_be32() -> u32 {
     let mut word = [0; 4];
     read_bytes(&mut word);
     u32::from_be_bytes(word)
-}
-
-/// SAFETY contract: port IO only.
-unsafe fn outw(port: u16, value: u16) {
-    // SAFETY: the caller names a port whose device takes a 16-bit write.
-    unsafe {
-        core::arch::asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack))
-    }
 }
 
 /// Whether the device is there and speaks DMA.

@@ -108,17 +108,7 @@ fn command_line(pa: u64) -> &'static str {
 /// Emulator options before the first `--` word, the kernel's command line
 /// (every word) after it.
 fn parse_options(line: &'static str) -> (Options, &'static str) {
-    let (ours, kernel) = match line.find(" -- ") {
-        Some(i) => (&line[..i], &line[i + 4..]),
-        None if line.trim() == "--" => ("", ""),
-        None => match line.strip_suffix(" --") {
-            Some(ours) => (ours, ""),
-            None => match line.strip_prefix("-- ") {
-                Some(kernel) => ("", kernel),
-                None => (line, ""),
-            },
-        },
-    };
+    let (ours, kernel) = split_at_separator(line);
     let mut options = Options::default();
     for word in ours.split_whitespace() {
         if let Err(e) = options.parse_word(word) {
@@ -126,6 +116,18 @@ fn parse_options(line: &'static str) -> (Options, &'static str) {
         }
     }
     (options, kernel.trim())
+}
+
+/// `line` before and after its first word `--` (all of it before if none).
+fn split_at_separator(line: &str) -> (&str, &str) {
+    let mut at = 0;
+    for word in line.split(' ') {
+        if word == "--" {
+            return (&line[..at], &line[at + 2..]);
+        }
+        at += word.len() + 1;
+    }
+    (line, "")
 }
 
 /// What the TD boots.
@@ -300,7 +302,6 @@ extern "C" fn bare_main(start_info: u64) -> ! {
     build_permission_maps();
 
     start_cpus(&apic_ids[..cpus]);
-    vapic::set_vcpu_count(TD_VCPUS.load(Ordering::SeqCst));
     clock::calibrate(APIC.get().expect("APIC set up by start_cpus"));
     println!(
         "emulator: TSC {} MHz, APIC timer {} MHz",

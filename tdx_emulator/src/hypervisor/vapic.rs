@@ -73,11 +73,10 @@ impl State {
 }
 
 static APICS: [State; MAX_VCPUS] = [const { State::new() }; MAX_VCPUS];
-/// vCPUs in the TD.
-static VCPUS: AtomicU64 = AtomicU64::new(1);
 
-pub fn set_vcpu_count(count: usize) {
-    VCPUS.store(count as u64, Ordering::SeqCst);
+/// The MSRs this APIC emulates: APIC_BASE, the x2APIC range, TSC_DEADLINE.
+pub fn is_apic_msr(msr: u32) -> bool {
+    msr == reg::APIC_BASE || msr == reg::TSC_DEADLINE || (0x800..=0x8ff).contains(&msr)
 }
 
 fn apic(vcpu: usize) -> &'static State {
@@ -315,7 +314,7 @@ pub fn write(vcpu: usize, msr: u32, value: u64) -> ApicWrite {
 
 /// An ICR write: fixed (or lowest-priority, delivered as fixed) IPIs.
 fn icr(vcpu: usize, value: u64) -> ApicWrite {
-    let vcpus = VCPUS.load(Ordering::SeqCst).min(64);
+    let vcpus = (super::TD_VCPUS.load(Ordering::SeqCst) as u64).min(64);
     let all = if vcpus >= 64 {
         u64::MAX
     } else {

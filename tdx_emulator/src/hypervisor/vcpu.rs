@@ -639,13 +639,10 @@ impl Vcpu {
             return NativeWrite::GeneralProtection;
         };
         if let msr::NativeMsr::X2apicVirtual(msr) = kind {
-            return match vapic::write(self.index, msr, value) {
-                vapic::ApicWrite::Done => NativeWrite::Done,
-                vapic::ApicWrite::Refused => NativeWrite::GeneralProtection,
-                vapic::ApicWrite::Ipi { targets, vector } => {
-                    self.send_ipi(targets, vector);
-                    NativeWrite::Done
-                }
+            return if self.apic_write(msr, value) {
+                NativeWrite::Done
+            } else {
+                NativeWrite::GeneralProtection
             };
         }
         let current = match kind {
@@ -680,30 +677,29 @@ impl Vcpu {
 
     /// TDVMCALL<Instruction.RDMSR>: the VMM's answer.
     fn vmm_rdmsr(&self, msr: u32) -> Option<u64> {
-        if msr == vapic::reg::APIC_BASE
-            || msr == vapic::reg::TSC_DEADLINE
-            || (0x800..=0x8ff).contains(&msr)
-        {
+        if vapic::is_apic_msr(msr) {
             return vapic::read(self.index, msr);
         }
         msr::vmm_rdmsr(msr)
     }
 
     fn vmm_wrmsr(&self, msr: u32, value: u64) -> bool {
-        if msr == vapic::reg::APIC_BASE
-            || msr == vapic::reg::TSC_DEADLINE
-            || (0x800..=0x8ff).contains(&msr)
-        {
-            return match vapic::write(self.index, msr, value) {
-                vapic::ApicWrite::Done => true,
-                vapic::ApicWrite::Refused => false,
-                vapic::ApicWrite::Ipi { targets, vector } => {
-                    self.send_ipi(targets, vector);
-                    true
-                }
-            };
+        if vapic::is_apic_msr(msr) {
+            return self.apic_write(msr, value);
         }
         msr::vmm_wrmsr(msr, value)
+    }
+
+    /// A write to this vCPU's virtual APIC; false if it refuses it.
+    fn apic_write(&self, msr: u32, value: u64) -> bool {
+        match vapic::write(self.index, msr, value) {
+            vapic::ApicWrite::Done => true,
+            vapic::ApicWrite::Refused => false,
+            vapic::ApicWrite::Ipi { targets, vector } => {
+                self.send_ipi(targets, vector);
+                true
+            }
+        }
     }
 
     fn send_ipi(&self, targets: vapic::VcpuSet, vector: u8) {
