@@ -189,6 +189,19 @@ pub fn read_tsc() -> u64 {
     (u64::from(high) << 32) | u64::from(low)
 }
 
+/// The time-stamp counter, ordered: LFENCE first, so RDTSC does not run
+/// before the instructions ahead of it are done (Linux's rdtsc_ordered()).
+/// Also a compiler barrier, so the timed code stays between two readings.
+pub fn read_tsc_ordered() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: LFENCE and RDTSC only order and read the counter (CR4.TSD is
+    // never set, and we run at CPL 0).
+    unsafe {
+        asm!("lfence", "rdtsc", out("eax") low, out("edx") high, options(nostack, preserves_flags))
+    }
+    (u64::from(high) << 32) | u64::from(low)
+}
+
 // cli/sti/hlt are compiler barriers on purpose (no `nomem`): a handler may
 // read or write what the code around them does, so the compiler must not
 // move memory accesses into or out of an interrupts-off section.

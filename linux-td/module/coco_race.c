@@ -19,7 +19,10 @@
  * cycles and prints the medians:
  *   BENCH kernel=linux-<release> order=linux platform=td cpus=<online>
  *         pages=<P> dir=to-shared|to-private cycles=<median>
- * bracketed by snapshot tags 100 + 10 * P (before) and 101 + 10 * P (after).
+ * and writes snapshot tag 1000000 + 10 * P + 0 before each timed
+ * set_memory_decrypted(), + 1 before each set_memory_encrypted() and + 9
+ * after the last round, so the counters between one tag and the next are
+ * one call's (the guest kernel's benchmark writes the same tags).
  *
  * Every run ends with one "CORACE done mode=<m> result=<errno>" line. Bad input
  * (an unknown mode, 0 rounds, a page count of 0 or above the buffer, fewer
@@ -80,6 +83,13 @@ static bool threads_may_run;
 static void snapshot(u32 tag)
 {
 	outl(tag, SNAPSHOT_PORT);
+}
+
+/* The bench's tag before a call (phase 0 to shared, 1 to private) or after
+ * a size's last round (phase 9). */
+static u32 bench_tag(unsigned int pages, unsigned int phase)
+{
+	return 1000000 + 10 * pages + phase;
 }
 
 static const char *release(void)
@@ -459,11 +469,11 @@ static int run_bench(void)
 			break;
 		}
 		va = (unsigned long)page_address(pages);
-		snapshot(100 + 10 * p);
 		for (i = 0; i < bench_rounds; i++) {
-			u64 t0, t1, t2;
+			u64 t0, t1, t2, t3;
 			int e;
 
+			snapshot(bench_tag(p, 0));
 			t0 = rdtsc_ordered();
 			e = set_memory_decrypted(va, p);
 			t1 = rdtsc_ordered();
@@ -473,8 +483,10 @@ static int run_bench(void)
 				ret = e;
 				break;
 			}
-			e = set_memory_encrypted(va, p);
+			snapshot(bench_tag(p, 1));
 			t2 = rdtsc_ordered();
+			e = set_memory_encrypted(va, p);
+			t3 = rdtsc_ordered();
 			if (e) {
 				pr_err("coco_race: bench: set_memory_encrypted(%u pages) = %d; leaking them\n",
 				       p, e);
@@ -482,7 +494,7 @@ static int run_bench(void)
 				break;
 			}
 			shared[i] = t1 - t0;
-			private[i] = t2 - t1;
+			private[i] = t3 - t2;
 			done++;
 			if (time_after(jiffies, deadline)) {
 				pr_err("coco_race: bench: %u pages: stopped after %u rounds (over %us)\n",
@@ -491,7 +503,7 @@ static int run_bench(void)
 			}
 			cond_resched();
 		}
-		snapshot(101 + 10 * p);
+		snapshot(bench_tag(p, 9));
 		if (done) {
 			pr_info("BENCH kernel=linux-%s order=linux platform=td cpus=%u pages=%u dir=to-shared cycles=%llu rounds=%u\n",
 				release(), cpus, p, median(shared, done), done);

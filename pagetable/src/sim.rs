@@ -19,6 +19,7 @@ pub struct SimMemory {
     words: Vec<AtomicU64>,
     free: Mutex<Vec<PhysAddr>>,
     writes: AtomicUsize,
+    reads: AtomicUsize,
     hook: Mutex<Option<std::sync::Arc<WriteHook>>>,
 }
 
@@ -41,6 +42,7 @@ impl SimMemory {
             words,
             free: Mutex::new(free),
             writes: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
             hook: Mutex::new(None),
         }
     }
@@ -78,6 +80,12 @@ impl SimMemory {
         self.writes.load(Ordering::SeqCst)
     }
 
+    /// Number of entry reads ([`TableMemory::load`]) so far: with
+    /// [`SimMemory::writes`], what a walk or a conversion costs, counted.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
     /// Frames still free.
     pub fn free_frames(&self) -> usize {
         self.free.lock().unwrap().len()
@@ -107,6 +115,7 @@ impl SimMemory {
 
 impl TableMemory for SimMemory {
     fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         self.word(table, index).load(Ordering::SeqCst)
     }
 

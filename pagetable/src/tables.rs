@@ -180,11 +180,33 @@ impl<M: TableMemory> PageTables<M> {
     /// non-present itself. Upper levels must be present (the engine never
     /// clears PRESENT in a table pointer). A zero entry means nothing is mapped.
     pub fn lookup_address(&self, va: VirtAddr) -> Result<Leaf, WalkError> {
+        self.walk_from(va, self.root, self.mode.top())
+    }
+
+    /// The leaf after `prev` (the one mapping `prev.end()`), like
+    /// [`PageTables::lookup_address`] but without the walk from the root
+    /// while the next entry is in `prev`'s table: a range's leaves cost one
+    /// entry read each, and a walk only where a table ends. `prev` must come
+    /// from this crate's walk of these tables.
+    pub fn next_leaf(&self, prev: &Leaf) -> Result<Leaf, WalkError> {
+        let va = VirtAddr(prev.end());
+        if prev.index + 1 < ENTRIES_PER_TABLE && prev.end() != u64::MAX {
+            self.walk_from(va, prev.table, prev.level)
+        } else {
+            self.lookup_address(va)
+        }
+    }
+
+    /// The walk for `va` from entry `level.index_of(va)` of `table` down.
+    fn walk_from(
+        &self,
+        va: VirtAddr,
+        mut table: PhysAddr,
+        mut level: Level,
+    ) -> Result<Leaf, WalkError> {
         if !self.mode.is_canonical(va) {
             return Err(WalkError::NonCanonical(va));
         }
-        let mut table = self.root;
-        let mut level = self.mode.top();
         loop {
             let index = level.index_of(va);
             let entry = Pte(self.memory.load(table, index));
@@ -234,8 +256,10 @@ impl<M: TableMemory> PageTables<M> {
     /// Replaces the leaf's entry with `update(old)` atomically, retrying if
     /// the CPU set A/D in between. Returns the value written. `Raced` if the
     /// entry stopped being this leaf (another CPU split or unmapped it).
+    /// The first attempt assumes the entry still holds `leaf.entry` (no
+    /// read: the compare-exchange checks it).
     pub fn update_leaf(&self, leaf: &Leaf, update: impl Fn(Pte) -> Pte) -> Result<Pte, TableError> {
-        let mut current = self.memory.load(leaf.table, leaf.index);
+        let mut current = leaf.entry.0;
         loop {
             if !same_leaf(current, leaf.entry, leaf.level, self.cc) {
                 return Err(TableError::Raced);

@@ -330,12 +330,12 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let (range, _reservation, mut stats) = self.prepare(va, pages, direction)?;
+        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, direction)?;
         let cc = self.tables.cc_mask();
         let trace = |step| self.machine.on_step(step, direction, va, pages);
 
         trace(Step::RemoveAliases);
-        self.for_each_run(range, |run| {
+        self.for_each_run(range, &runs, |run| {
             self.machine.remove_aliases(run);
             Ok(())
         })?;
@@ -351,7 +351,7 @@ where
 
         if self.platform.needs_cache_flush(direction) {
             trace(Step::FlushCaches);
-            self.for_each_run(range, |run| {
+            self.for_each_run(range, &runs, |run| {
                 self.machine.flush_caches(run, direction);
                 Ok(())
             })?;
@@ -366,7 +366,7 @@ where
         // sound only because the range is reserved: no one else may change
         // or reuse these entries until step 7 (lookup_address() style).
         trace(Step::NotifyHypervisor);
-        let failure = self.notify_runs(range, direction, &mut stats)?;
+        let failure = self.notify_runs(range, &runs, direction, &mut stats)?;
 
         trace(Step::SetPresent);
         match failure {
@@ -384,8 +384,10 @@ where
     }
 
     /// The legacy order, kept only as a negative control for tests: flip the
-    /// C/S bit in the live entries, flush, notify. Between the flip and the
-    /// notification an access meets a page in the other state.
+    /// C/S bit in the live entries, flush TLBs (and caches, where the
+    /// platform needs it, as Linux does: so that a cost comparison measures
+    /// only the non-present window's work), notify. Between the flip and
+    /// the notification an access meets a page in the other state.
     #[cfg(feature = "negative-control")]
     pub fn convert_in_legacy_order(
         &self,
@@ -393,38 +395,45 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let (range, _reservation, mut stats) = self.prepare(va, pages, direction)?;
+        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, direction)?;
         let cc = self.tables.cc_mask();
         self.for_each_leaf(range, |leaf| {
             stats.leaves += 1;
             self.update(leaf, |e| reencode(cc, e, direction))
         })?;
         self.machine.flush_tlb_all();
-        match self.notify_runs(range, direction, &mut stats)? {
+        if self.platform.needs_cache_flush(direction) {
+            self.for_each_run(range, &runs, |run| {
+                self.machine.flush_caches(run, direction);
+                Ok(())
+            })?;
+        }
+        match self.notify_runs(range, &runs, direction, &mut stats)? {
             None => Ok(stats),
             Some(quarantine) => Err(ConvError::Quarantined(quarantine)),
         }
     }
 
     /// Everything before step 1: validation (read-only), the reservation
-    /// that keeps other conversions off the range until it is dropped, and
-    /// the boundary splits.
+    /// that keeps other conversions off the range until it is dropped, the
+    /// GPA runs (found by the validation's walk), and the boundary splits.
+    #[allow(clippy::type_complexity)]
     fn prepare(
         &self,
         va: VirtAddr,
         pages: u64,
         direction: Direction,
-    ) -> Result<(Range, inflight::Reservation<'_>, ConvStats), ConvError<P::Error>> {
+    ) -> Result<(Range, inflight::Reservation<'_>, ConvStats, Runs), ConvError<P::Error>> {
         let range = self.check_arguments(va, pages)?;
         let reservation = self.reserve(range)?;
-        self.check_source_state(range, direction)?;
+        let runs = self.check_source_state(range, direction)?;
         let splits = self.split_boundaries(range)?;
         let stats = ConvStats {
             pages,
             splits,
             ..ConvStats::default()
         };
-        Ok((range, reservation, stats))
+        Ok((range, reservation, stats, runs))
     }
 
     /// Tells the platform about each GPA run, stopping at the first failure,
@@ -432,11 +441,12 @@ where
     fn notify_runs(
         &self,
         range: Range,
+        runs: &Runs,
         direction: Direction,
         stats: &mut ConvStats,
     ) -> Result<Option<Quarantine<P::Error>>, ConvError<P::Error>> {
         let mut failure = None;
-        self.for_each_run(range, |run| {
+        self.for_each_run(range, runs, |run| {
             if failure.is_none() {
                 stats.runs += 1;
                 if let Err(e) = self.platform.notify(run, direction) {
@@ -485,27 +495,38 @@ where
             })
     }
 
-    /// Every page mapped, present, and in the source state.
+    /// Every page mapped, present, and in the source state; on the way, the
+    /// GPA runs, so that steps 1, 4 and 6 need no walk of their own.
     fn check_source_state(
         &self,
         range: Range,
         direction: Direction,
-    ) -> Result<(), ConvError<P::Error>> {
+    ) -> Result<Runs, ConvError<P::Error>> {
         let cc = self.tables.cc_mask();
+        let mut runs = Runs::default();
         self.for_each_leaf(range, |leaf| {
-            let first = VirtAddr(leaf.va.0.max(range.start));
+            let first = leaf.va.0.max(range.start);
             if !leaf.entry.is_present() {
-                return Err(ConvError::NotPresent(first));
+                return Err(ConvError::NotPresent(VirtAddr(first)));
             }
             let already = match direction {
                 Direction::ToShared => cc.is_shared(leaf.entry),
                 Direction::ToPrivate => !cc.is_shared(leaf.entry),
             };
             if already {
-                return Err(ConvError::AlreadyInTargetState(first));
+                return Err(ConvError::AlreadyInTargetState(VirtAddr(first)));
             }
+            // The part of the leaf inside the range (a leaf that straddles
+            // an end is split later, which leaves its frames as they are).
+            let gpa = cc.leaf_frame(leaf.entry, leaf.level).0 + (first - leaf.va.0);
+            runs.extend(
+                VirtAddr(first),
+                PhysAddr(gpa),
+                leaf.end().min(range.end) - first,
+            );
             Ok(())
-        })
+        })?;
+        Ok(runs)
     }
 
     /// Splits the large leaves that straddle the range's ends, so every leaf
@@ -553,32 +574,41 @@ where
         Ok(splits)
     }
 
-    /// Calls `visit` for each leaf overlapping `range`, present or not.
+    /// Calls `visit` for each leaf overlapping `range`, present or not. One
+    /// walk from the root, then one entry read per leaf
+    /// ([`PageTables::next_leaf`]) and a new walk only where a table ends.
     fn for_each_leaf(
         &self,
         range: Range,
         mut visit: impl FnMut(&Leaf) -> Result<(), ConvError<P::Error>>,
     ) -> Result<(), ConvError<P::Error>> {
-        let mut va = range.start;
-        while va < range.end {
-            let leaf = self
-                .tables
-                .lookup_address(VirtAddr(va))
-                .map_err(walk_error)?;
+        let mut leaf = self
+            .tables
+            .lookup_address(VirtAddr(range.start))
+            .map_err(walk_error)?;
+        loop {
             visit(&leaf)?;
-            va = leaf.end();
+            if leaf.end() >= range.end {
+                return Ok(());
+            }
+            leaf = self.tables.next_leaf(&leaf).map_err(walk_error)?;
         }
-        Ok(())
     }
 
     /// Calls `visit` for each maximal run of leaves in `range` whose frames
-    /// are contiguous, with frames read from the entries whether present or
-    /// not. Only valid after the boundaries were split.
+    /// are contiguous: the runs the validation found, or, when there were
+    /// more than [`Runs`] keeps, runs found by a walk reading the frames
+    /// from the entries whether present or not. Only valid after the
+    /// boundaries were split.
     fn for_each_run(
         &self,
         range: Range,
+        runs: &Runs,
         mut visit: impl FnMut(&GpaRun) -> Result<(), ConvError<P::Error>>,
     ) -> Result<(), ConvError<P::Error>> {
+        if let Some(kept) = runs.all() {
+            return kept.iter().try_for_each(visit);
+        }
         let cc = self.tables.cc_mask();
         let mut current: Option<GpaRun> = None;
         self.for_each_leaf(range, |leaf| {
@@ -675,6 +705,62 @@ fn walk_error<E>(error: WalkError) -> ConvError<E> {
         WalkError::NotMapped { va, .. } | WalkError::Reserved { va, .. } => {
             ConvError::NotMapped(va)
         }
+    }
+}
+
+/// The GPA runs of one conversion, kept from the validation's walk while
+/// there are at most [`RUNS_KEPT`] (almost always one: a direct-map range
+/// is physically contiguous).
+#[derive(Clone, Copy)]
+struct Runs {
+    kept: [GpaRun; RUNS_KEPT],
+    len: usize,
+    /// More runs than `kept` holds: they are found again by a walk.
+    overflowed: bool,
+}
+
+/// Runs a conversion keeps without walking for them again.
+const RUNS_KEPT: usize = 8;
+
+impl Default for Runs {
+    fn default() -> Runs {
+        let empty = GpaRun {
+            va: VirtAddr(0),
+            gpa: PhysAddr(0),
+            bytes: 0,
+        };
+        Runs {
+            kept: [empty; RUNS_KEPT],
+            len: 0,
+            overflowed: false,
+        }
+    }
+}
+
+impl Runs {
+    /// Adds `bytes` at `va` -> `gpa`, right after what was added before.
+    fn extend(&mut self, va: VirtAddr, gpa: PhysAddr, bytes: u64) {
+        if self.overflowed {
+            return;
+        }
+        if let Some(last) = self.len.checked_sub(1).map(|i| &mut self.kept[i]) {
+            if last.gpa_end() == gpa {
+                last.bytes += bytes;
+                return;
+            }
+        }
+        match self.kept.get_mut(self.len) {
+            Some(slot) => {
+                *slot = GpaRun { va, gpa, bytes };
+                self.len += 1;
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    /// Every run, unless there were too many to keep.
+    fn all(&self) -> Option<&[GpaRun]> {
+        (!self.overflowed).then(|| &self.kept[..self.len])
     }
 }
 

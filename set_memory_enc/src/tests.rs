@@ -759,3 +759,130 @@ fn a_range_ending_at_the_top_of_the_lower_half_converts() {
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(state(&w, last_page, PAGE_SIZE), (true, true));
 }
+
+/// What one conversion cost: entry reads and writes, and the hook calls.
+#[derive(Debug, PartialEq, Eq)]
+struct Work {
+    reads: usize,
+    writes: usize,
+    shootdowns: usize,
+    notified_runs: usize,
+    flushed_pages: u64,
+    accepts: u64,
+    map_gpa_calls: u64,
+}
+
+fn work_of<P: Platform>(
+    w: &World<P>,
+    accepts_and_map_gpa: impl Fn() -> (u64, u64),
+    convert: impl FnOnce() -> Outcome,
+) -> Work
+where
+    P::Error: Into<TdxError>,
+{
+    w.log.clear();
+    let (reads, writes) = (w.mem.reads(), w.mem.writes());
+    let (accepts, map_gpa_calls) = accepts_and_map_gpa();
+    convert().map_err(|e| format!("{e:?}")).unwrap();
+    let (accepts_after, map_gpa_after) = accepts_and_map_gpa();
+    let events = w.log.events();
+    Work {
+        reads: w.mem.reads() - reads,
+        writes: w.mem.writes() - writes,
+        shootdowns: events.iter().filter(|e| **e == Event::FlushTlb).count(),
+        notified_runs: events
+            .iter()
+            .filter(|e| matches!(e, Event::Notify(..)))
+            .count(),
+        flushed_pages: events
+            .iter()
+            .map(|e| match e {
+                Event::FlushCaches(run, _) => run.pages(),
+                _ => 0,
+            })
+            .sum(),
+        accepts: accepts_after - accepts,
+        map_gpa_calls: map_gpa_after - map_gpa_calls,
+    }
+}
+
+/// Regression guards on what a conversion costs (issue 8, section 4): a
+/// change that adds a walk, a write, a shootdown or a hypercall fails here.
+/// 64 pages of one page table (the leaves split by a first round trip), as
+/// a TD: one walk from the root (4 reads) and one read per further leaf for
+/// each of the four leaf passes (validation, steps 2, 5 and 7), 4 reads for
+/// each of the two boundary split checks, and one write per leaf in each of
+/// steps 2, 5 and 7; the runs come from the validation's walk. The legacy
+/// order: two leaf passes and one write per leaf. Both: one shootdown, one
+/// MapGPA for the one GPA run, an ACCEPT per 4K page going private, and
+/// every page flushed going shared.
+#[test]
+fn operation_counts_per_conversion_are_regression_guards() {
+    let fake = tdx_fake();
+    let w = world(tdx_platform(&fake));
+    let (va, pages) = (DMAP + 3 * MIB2 + 0x10_000, 64u64);
+    // A first round trip splits the 2M leaf; afterwards the leaves are 4K.
+    w.engine.set_memory_shared(VirtAddr(va), pages).unwrap();
+    w.engine.set_memory_private(VirtAddr(va), pages).unwrap();
+    let counts = || {
+        let c = w.engine.platform().inner.counters();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::SeqCst);
+        (c.accepted.iter().map(load).sum(), load(&c.map_gpa_calls))
+    };
+    let leaves = pages as usize;
+    let pass = 4 + (leaves - 1);
+    let split_checks = 2 * 4;
+    let seven = |accepts, flushed_pages| Work {
+        reads: 4 * pass + split_checks,
+        writes: 3 * leaves,
+        shootdowns: 1,
+        notified_runs: 1,
+        flushed_pages,
+        accepts,
+        map_gpa_calls: 1,
+    };
+    let legacy = |accepts, flushed_pages| Work {
+        reads: 2 * pass + split_checks,
+        writes: leaves,
+        ..seven(accepts, flushed_pages)
+    };
+    let shared = work_of(&w, counts, || {
+        w.engine.set_memory_shared(VirtAddr(va), pages)
+    });
+    assert_eq!(shared, seven(0, pages), "seven steps, to shared");
+    let private = work_of(&w, counts, || {
+        w.engine.set_memory_private(VirtAddr(va), pages)
+    });
+    assert_eq!(private, seven(pages, 0), "seven steps, to private");
+    let shared = work_of(&w, counts, || {
+        w.engine
+            .convert_in_legacy_order(VirtAddr(va), pages, Direction::ToShared)
+    });
+    assert_eq!(shared, legacy(0, pages), "legacy order, to shared");
+    let private = work_of(&w, counts, || {
+        w.engine
+            .convert_in_legacy_order(VirtAddr(va), pages, Direction::ToPrivate)
+    });
+    assert_eq!(private, legacy(pages, 0), "legacy order, to private");
+
+    // A whole 2M leaf: one entry, one 2M ACCEPT, no split.
+    let block = DMAP + 5 * MIB2;
+    let pages = MIB2 / PAGE_SIZE;
+    let one_leaf = |accepts, flushed_pages| Work {
+        reads: 4 * 3 + split_checks - 2,
+        writes: 3,
+        shootdowns: 1,
+        notified_runs: 1,
+        flushed_pages,
+        accepts,
+        map_gpa_calls: 1,
+    };
+    let shared = work_of(&w, counts, || {
+        w.engine.set_memory_shared(VirtAddr(block), pages)
+    });
+    assert_eq!(shared, one_leaf(0, pages), "a 2M leaf to shared");
+    let private = work_of(&w, counts, || {
+        w.engine.set_memory_private(VirtAddr(block), pages)
+    });
+    assert_eq!(private, one_leaf(1, 0), "a 2M leaf to private");
+}

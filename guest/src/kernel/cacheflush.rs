@@ -2,70 +2,138 @@
 //!
 //! At step 4 the range's own entries are non-present (that is what steps 2
 //! and 3 are for), so its lines cannot be flushed through them. Each CPU
-//! owns a one-page window that it maps, for itself only, to one frame at a
-//! time in the frame's current state (private before a private->shared
-//! conversion), flushes that page's lines and unmaps again. The mapping
+//! owns a 4K and a 2M window that it maps, for itself only, to one frame
+//! (or one whole 2M block) at a time in its current state (private before
+//! a private->shared conversion), flushes its lines and unmaps again: one
+//! entry write and one INVLPG, no walk (the tables are found once, at
+//! boot). The mapping
 //! agrees with the hypervisor's view of the frame, so it raises no #VE; no
 //! other CPU ever uses the window, so invalidating this CPU's entry is
 //! enough. WBINVD is not an option: it is a #VE in a TD, and it would flush
 //! only this CPU's caches.
 
-use super::memory::{kernel_tables, FRAMES};
+use super::memory::{kernel_tables, DIRECT_MAP, FRAMES};
 use super::shootdown::MAX_CPUS;
 use core::sync::atomic::{AtomicU64, Ordering};
-use pagetable::{CcMask, Level, PhysAddr, PteFlags, TableError, VirtAddr, PAGE_SIZE};
+use pagetable::{CcMask, Level, PhysAddr, PteFlags, TableError, TableMemory, VirtAddr};
 use set_memory_enc::GpaRun;
 
-/// Where the windows start: CPU n's is the page at `FLUSH_WINDOWS + n * 4K`.
-/// All of them share one page table, created by [`init`].
+/// Where the 4K windows start: CPU n's is the page at `FLUSH_WINDOWS + n *
+/// 4K`. All of them share one page table, created by [`init`].
 pub const FLUSH_WINDOWS: u64 = 0xffff_fd00_0000_0000;
+/// Where the 2M windows start: CPU n's is at `FLUSH_WINDOWS_2M + n * 2M`,
+/// all in one page directory, created by [`init`]. A whole 2M-aligned block
+/// of a run is flushed through one of these: one entry, not 512.
+pub const FLUSH_WINDOWS_2M: u64 = 0xffff_fd00_4000_0000;
 
 /// CLFLUSH line size, read at boot (CPUID is a #VE in a TD: not during a
 /// conversion).
 static LINE_SIZE: AtomicU64 = AtomicU64::new(0);
+/// The page table of the 4K windows and the page directory of the 2M ones
+/// (physical; 0 before `init`).
+static WINDOW_TABLE_4K: AtomicU64 = AtomicU64::new(0);
+static WINDOW_TABLE_2M: AtomicU64 = AtomicU64::new(0);
 /// Pages step 4 flushed, all CPUs.
 pub static FLUSHED_PAGES: AtomicU64 = AtomicU64::new(0);
 
-/// Reads the line size and creates the page table that holds every CPU's
-/// window, so that step 4 never allocates. Boot CPU, before any conversion.
+/// Reads the line size and creates the tables that hold every CPU's
+/// windows (mapping and unmapping CPU 0's once), so that step 4 never walks
+/// or allocates: a window is then one entry write and one INVLPG. Boot CPU,
+/// before any conversion.
 pub fn init(cc: CcMask) -> Result<(), TableError> {
     LINE_SIZE.store(bare::cpu::clflush_line_size(), Ordering::SeqCst);
-    let first = Window::map(0, PhysAddr(0), false, cc)?;
-    drop(first);
+    for (size, table) in [(Level::Pt, &WINDOW_TABLE_4K), (Level::Pd, &WINDOW_TABLE_2M)] {
+        let va = VirtAddr(window_base(size));
+        let tables = kernel_tables(cc);
+        tables.map_leaf(
+            va,
+            PhysAddr(0),
+            size,
+            PteFlags::PRESENT | PteFlags::NO_EXECUTE,
+            false,
+            &FRAMES,
+        )?;
+        let leaf = tables.unmap_leaf(va)?;
+        bare::cpu::invlpg(va.0);
+        table.store(leaf.table.0, Ordering::SeqCst);
+    }
     Ok(())
 }
 
-/// One frame mapped, read-only, at one CPU's window; unmapped on drop.
+fn window_base(size: Level) -> u64 {
+    if size == Level::Pt {
+        FLUSH_WINDOWS
+    } else {
+        FLUSH_WINDOWS_2M
+    }
+}
+
+/// One frame (4K) or block (2M) mapped, read-only, at one CPU's window;
+/// unmapped on drop.
 pub struct Window {
     va: VirtAddr,
-    cc: CcMask,
+    table: PhysAddr,
+    index: usize,
+    entry: u64,
 }
 
 impl Window {
-    /// Maps `frame` at `cpu`'s window, shared or private as `shared` says.
-    /// Only `cpu` itself may call this, and not from an interrupt handler
-    /// (one mapping per window at a time: a second one is refused).
+    /// Maps the 4K `frame` at `cpu`'s window, shared or private as `shared`
+    /// says. Only `cpu` itself may call this, and not from an interrupt
+    /// handler (one mapping per window at a time: a second one is refused).
     pub fn map(
         cpu: usize,
         frame: PhysAddr,
         shared: bool,
         cc: CcMask,
     ) -> Result<Window, TableError> {
-        if cpu >= MAX_CPUS {
+        Window::map_sized(cpu, frame, Level::Pt, shared, cc)
+    }
+
+    /// [`Window::map`] for a 4K frame or a 2M-aligned block (`size`
+    /// [`Level::Pt`] or [`Level::Pd`]).
+    pub fn map_sized(
+        cpu: usize,
+        frame: PhysAddr,
+        size: Level,
+        shared: bool,
+        cc: CcMask,
+    ) -> Result<Window, TableError> {
+        let table = match size {
+            Level::Pt => &WINDOW_TABLE_4K,
+            Level::Pd => &WINDOW_TABLE_2M,
+            _ => return Err(TableError::BadLeaf),
+        };
+        let table = PhysAddr(table.load(Ordering::SeqCst));
+        let span = size.entry_span();
+        if cpu >= MAX_CPUS || table.0 == 0 || !frame.is_aligned(span) || frame.0 & cc.all() != 0 {
             return Err(TableError::BadLeaf);
         }
-        let va = VirtAddr(FLUSH_WINDOWS + cpu as u64 * PAGE_SIZE);
-        kernel_tables(cc).map_leaf(
-            va,
-            frame,
-            Level::Pt,
-            PteFlags::PRESENT | PteFlags::NO_EXECUTE,
-            shared,
-            &FRAMES,
-        )?;
+        let va = VirtAddr(window_base(size) + cpu as u64 * span);
+        let index = size.index_of(va);
+        // ACCESSED preset: the CPU never writes the entry, so drop's
+        // compare-exchange sees exactly what this wrote.
+        let mut entry = frame.0
+            | if shared {
+                cc.shared_bits()
+            } else {
+                cc.private_bits()
+            }
+            | (PteFlags::PRESENT | PteFlags::NO_EXECUTE | PteFlags::ACCESSED).bits();
+        if size == Level::Pd {
+            entry |= PteFlags::HUGE_PAGE.bits();
+        }
         // No stale translation to drop: the entry was empty, and `drop`
         // invalidated the last one.
-        Ok(Window { va, cc })
+        DIRECT_MAP
+            .compare_exchange(table, index, 0, entry)
+            .map_err(|_| TableError::AlreadyMapped { va, level: size })?;
+        Ok(Window {
+            va,
+            table,
+            index,
+            entry,
+        })
     }
 
     /// The window's address.
@@ -76,30 +144,40 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
-        // Mapped by `map`, so it can only be found. Only this CPU can hold a
-        // translation of it.
-        let _ = kernel_tables(self.cc).unmap_leaf(self.va);
+        // Only this CPU writes its window's entry, and the CPU never does
+        // (ACCESSED preset, no write access): it still holds `entry`. Only
+        // this CPU can hold a translation of it.
+        let _ = DIRECT_MAP.compare_exchange(self.table, self.index, self.entry, 0);
         bare::cpu::invlpg(self.va.0);
     }
 }
 
 /// Writes back and invalidates, in every cache, the lines of `run`'s frames,
-/// which are `shared` or private now.
+/// which are `shared` or private now: through the 2M window for each whole
+/// 2M-aligned block, through the 4K one for the rest.
 pub fn flush_frames(run: &GpaRun, shared: bool, cc: CcMask) {
     let cpu = super::cpu_index();
     let line_size = match LINE_SIZE.load(Ordering::Relaxed) {
         0 => panic!("cacheflush::init did not run"),
         size => size,
     };
-    for page in 0..run.pages() {
-        let frame = PhysAddr(run.gpa.0 + page * PAGE_SIZE);
-        let window = match Window::map(cpu, frame, shared, cc) {
+    let block = Level::Pd.entry_span();
+    let (mut at, end) = (run.gpa.0, run.gpa_end().0);
+    while at < end {
+        let size = if at % block == 0 && end - at >= block {
+            Level::Pd
+        } else {
+            Level::Pt
+        };
+        let window = match Window::map_sized(cpu, PhysAddr(at), size, shared, cc) {
             Ok(window) => window,
             Err(e) => panic!("flush window of CPU {cpu}: {e:?}"),
         };
-        // SAFETY: the window maps the page just now (read-only is enough:
-        // CLFLUSH checks permissions as a read).
-        unsafe { bare::cpu::clflush_lines(window.address(), PAGE_SIZE, line_size) };
+        let bytes = size.entry_span();
+        // SAFETY: the window maps these `bytes` just now (read-only is
+        // enough: CLFLUSH checks permissions as a read).
+        unsafe { bare::cpu::clflush_lines(window.address(), bytes, line_size) };
+        at += bytes;
     }
     FLUSHED_PAGES.fetch_add(run.pages(), Ordering::Relaxed);
 }

@@ -8,6 +8,7 @@
 //! only and no PIT, and starts APs through the ACPI wakeup mailbox instead of
 //! INIT-SIPI-SIPI.
 
+mod bench;
 mod cacheflush;
 mod engine;
 mod faults;
@@ -278,6 +279,15 @@ extern "C" fn bsp_main() -> ! {
         Some(other) => panic!("unknown fault= selector {other:?}"),
     }
 
+    if let Some(settings) = bench::Settings::from_command_line(command_line()) {
+        let ok = bench::run(online, settings);
+        report_tdx_counters();
+        bare::exit::qemu_exit(if ok {
+            bare::exit::EXIT_SUCCESS
+        } else {
+            bare::exit::EXIT_FAILURE
+        })
+    }
     trace_one_conversion();
     report::plan(tests::TESTS.len());
     for (name, test) in tests::TESTS {

@@ -75,24 +75,33 @@ impl Order {
     /// unknown value, or `legacy` in a kernel built without the
     /// `negative-control` feature, panics: a control that silently ran the
     /// other order would prove nothing.
-    fn from_command_line(command_line: &str) -> Order {
+    pub fn from_command_line(command_line: &str) -> Order {
         match command_line
             .split_whitespace()
             .find_map(|arg| arg.strip_prefix("order="))
         {
-            None | Some("seven-steps") => Order::SevenSteps,
-            #[cfg(feature = "negative-control")]
-            Some("legacy") => Order::Legacy,
-            #[cfg(not(feature = "negative-control"))]
-            Some("legacy") => panic!(
-                "order=legacy needs a guest built with --features negative-control; \
-                 refusing to run the stress in the seven-step order instead"
-            ),
-            Some(other) => panic!("unknown order={other:?} (seven-steps or legacy)"),
+            None => Order::SevenSteps,
+            Some(name) => Order::from_name(name),
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The order `name` names (see [`Order::from_command_line`]).
+    pub fn from_name(name: &str) -> Order {
+        match name {
+            "seven-steps" => Order::SevenSteps,
+            #[cfg(feature = "negative-control")]
+            "legacy" => Order::Legacy,
+            #[cfg(not(feature = "negative-control"))]
+            "legacy" => panic!(
+                "order=legacy needs a guest built with --features negative-control; \
+                 refusing to run in the seven-step order instead"
+            ),
+            other => panic!("unknown order {other:?} (seven-steps or legacy)"),
+        }
+    }
+
+    /// The name `order=` takes.
+    pub fn name(self) -> &'static str {
         match self {
             Order::SevenSteps => "seven-steps",
             #[cfg(feature = "negative-control")]
@@ -100,11 +109,17 @@ impl Order {
         }
     }
 
-    fn convert(self, va: VirtAddr, direction: Direction) -> Result<ConvStats, ConvError<TdxError>> {
+    /// Converts `pages` pages from `va` in this order.
+    pub fn convert(
+        self,
+        va: VirtAddr,
+        pages: u64,
+        direction: Direction,
+    ) -> Result<ConvStats, ConvError<TdxError>> {
         match self {
-            Order::SevenSteps => engine().convert(va, 1, direction),
+            Order::SevenSteps => engine().convert(va, pages, direction),
             #[cfg(feature = "negative-control")]
-            Order::Legacy => engine().convert_in_legacy_order(va, 1, direction),
+            Order::Legacy => engine().convert_in_legacy_order(va, pages, direction),
         }
     }
 }
@@ -224,7 +239,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
             );
         }
         for direction in [Direction::ToShared, Direction::ToPrivate] {
-            match order.convert(VirtAddr(converted), direction) {
+            match order.convert(VirtAddr(converted), 1, direction) {
                 Ok(_) => conversions += 1,
                 Err(e) => {
                     errors += 1;

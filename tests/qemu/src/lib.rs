@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod bench;
 pub mod cli;
 pub mod initramfs;
 pub mod linux;

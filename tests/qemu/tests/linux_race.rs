@@ -20,8 +20,8 @@
 
 use qemu_harness::linux::{ci, initramfs_once, require_files, serial_part, CRASH_WORDS};
 use qemu_harness::module::{
-    bench_lines, bench_tags, delta, done_result, linux_td_module, linux_td_race_initramfs,
-    race_line, snapshots, DONE, RACE_AFTER, RACE_BEFORE,
+    bench_lines, delta, done_result, linux_td_module, linux_td_race_initramfs, race_line,
+    snapshots, DONE, RACE_AFTER, RACE_BEFORE,
 };
 use qemu_harness::{
     describe_exit, emulator_elf, initramfs, linux_td_busybox, linux_td_init_script,
@@ -297,26 +297,17 @@ fn linux_bench() {
         "{test}: want 4 sizes x 2 directions{}",
         report()
     );
-    let snaps = snapshots(serial);
-    for line in &lines {
-        let (before, after) = bench_tags(line.pages);
-        let d = delta(&snaps, before, after).unwrap_or_else(|e| panic!("{test}: {e}{}", report()));
-        // Per conversion (both directions are in each bracket); a
-        // shootdown is one IPI to each other vCPU.
-        let conversions = (2 * line.rounds) as f64;
-        let others = line.cpus.saturating_sub(1).max(1) as f64;
-        let per = |k: &[&str]| {
-            k.iter()
-                .map(|k| d.get(*k).copied().unwrap_or(0))
-                .sum::<u64>() as f64
-                / conversions
-        };
-        println!(
-            "{} shootdowns={:.2} map_gpa={:.2} accepts={:.2}",
-            line.text,
-            per(&["ipis"]) / others,
-            per(&["map_gpa_calls"]),
-            per(&["accept_4k", "accept_2m", "accept_1g"])
+    // Counts per call from the emulator's snapshots around every call (the
+    // same tags and arithmetic as our guest's benchmark).
+    let benches = qemu_harness::bench::collect(serial, &["linux"])
+        .unwrap_or_else(|e| panic!("{test}: {e}{}", report()));
+    for b in &benches {
+        println!("{}", b.line());
+        assert!(b.rounds >= 1, "{test}: {}", b.line());
+        assert!(
+            b.map_gpa >= 1.0,
+            "{test}: Linux made no MapGPA call: {}",
+            b.line()
         );
     }
 }
