@@ -6,7 +6,9 @@
 # Also: make run-td - the guest as a TD under the TDX-module emulator;
 #       make linux-td - Debian's stock kernel as a TD: fetch it, run its tests;
 #       make run-linux-td - boot it as a TD with 4 vCPUs, console streamed;
-#       make demo   - the engine over simulated memory on the host, step by step.
+#       make demo   - the engine over simulated memory on the host, step by step;
+#       make bench  - the conversion cost on Linux and on ours, side by side:
+#                     prints BENCH lines, rewrites README's table.
 
 SHELL := bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -28,7 +30,7 @@ LINUX_TD_DIR := $(CURDIR)/target/linux-td
 LINUX_TD := LINUX_TD_KERNEL=$(LINUX_TD_DIR)/kernel LINUX_TD_BUSYBOX=$(LINUX_TD_DIR)/busybox \
 	LINUX_TD_SOURCE=$(LINUX_TD_DIR)/SOURCE LINUX_TD_MODULE=$(LINUX_TD_DIR)/coco_race.ko
 
-.PHONY: setup guest run run-td linux-td-fetch linux-td linux-race run-linux-td demo test fmt
+.PHONY: setup guest run run-td linux-td-fetch linux-td linux-race run-linux-td demo bench test fmt
 
 setup:
 	@./scripts/setup.sh
@@ -65,6 +67,11 @@ run-linux-td: guest linux-td-fetch
 
 demo: setup
 	$(CARGO) run --quiet -p demo
+
+# Issue 8: the same benchmark on Linux (its module) and on ours (both
+# orders, TD and plain), 2 vCPUs, in one run; writes README's table.
+bench: guest linux-td-fetch
+	$(ELFS) $(LINUX_TD) $(CARGO) run --quiet --release -p qemu-harness --bin bench
 
 test: guest linux-td-fetch
 	$(CARGO) fmt --all --check

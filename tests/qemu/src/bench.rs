@@ -286,6 +286,63 @@ pub fn run_ours(
     Ok((run, benches))
 }
 
+/// Boots Debian's kernel as a TD with 2 vCPUs under the emulator with the
+/// module's benchmark (`rounds` per size, its default sizes 1, 16, 64,
+/// 512), on the same multi-threaded TCG as our TD runs, and returns the
+/// run and its lines. The kernel, busybox and module come from
+/// scripts/fetch-linux-td.sh.
+pub fn run_linux(rounds: u32) -> Result<(crate::Run, Vec<Bench>), String> {
+    let (kernel, busybox, module) = (
+        crate::linux_td_kernel(),
+        crate::linux_td_busybox(),
+        crate::module::linux_td_module(),
+    );
+    for file in [&kernel, &busybox, &module] {
+        if !file.is_file() {
+            return Err(format!(
+                "missing {}: run scripts/fetch-linux-td.sh (make linux-td-fetch)",
+                file.display()
+            ));
+        }
+    }
+    let initramfs = crate::module::linux_td_race_initramfs();
+    crate::initramfs::build_linux_td_race_initramfs(
+        &crate::linux_td_init_script(),
+        &busybox,
+        &module,
+        &initramfs,
+    )
+    .map_err(|e| format!("the module's initramfs: {e}"))?;
+    let machine = crate::Machine::TdKernelParallel(crate::TdKernel {
+        emulator: crate::emulator_elf()?,
+        kernel,
+        initramfs: Some(initramfs),
+        memory_mib: None,
+        options: String::new(),
+    });
+    let append = format!("console=ttyS0 coco_race=bench coco_race.bench_rounds={rounds}");
+    let run = crate::run_guest(
+        &machine,
+        2,
+        Some(&append),
+        std::time::Duration::from_secs(600),
+    )?;
+    let serial = crate::linux::serial_part(&run.log);
+    let log = || format!("\n--- serial log ---\n{}", run.log);
+    if run.exit_code != Some(crate::EXIT_TD_POWER_OFF)
+        || crate::module::done_result(serial) != Some(0)
+    {
+        return Err(format!(
+            "Linux's benchmark boot ended: {}, module result {:?}{}",
+            crate::describe_exit(run.exit_code),
+            crate::module::done_result(serial),
+            log()
+        ));
+    }
+    let benches = collect(serial, &["linux"]).map_err(|e| format!("{e}{}", log()))?;
+    Ok((run, benches))
+}
+
 /// Where `make bench` writes its table in README.md.
 pub const README_BEGIN: &str = "<!-- bench-table:begin (make bench writes this part) -->";
 pub const README_END: &str = "<!-- bench-table:end -->";
