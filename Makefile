@@ -85,8 +85,24 @@ test: guest linux-td-fetch
 	# --nocapture: the race model prints how many interleavings it explored.
 	$(CARGO) test -p set_memory_enc --all-features -- --nocapture --test-threads 2 2>&1 | tee -a $(TEST_LOG)
 	$(CARGO) run --quiet -p demo > /dev/null
+	# Issue 11: every fuzz target for a few seconds, and its replay tests.
+	$(MAKE) --no-print-directory fuzz-smoke 2>&1 | tee -a $(TEST_LOG)
 	@awk '/^test result:/ { passed += $$4; failed += $$6 } \
 	     END { printf "tests: %d passed, %d failed\n", passed, failed; exit (failed > 0 || passed == 0) }' $(TEST_LOG)
 
 fmt:
 	$(CARGO) fmt --all
+
+# Fuzzing of what the host controls (fuzz/, scripts/fuzz.sh: libFuzzer on
+# the stable toolchain): ACPI/MADT, PVH start info and boot_params/e820, #VE
+# info, the emulator's kernel loaders. Seconds per target in `make test`,
+# minutes here; the corpus grows in target/fuzz/corpus between runs.
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 10
+.PHONY: fuzz fuzz-smoke
+
+fuzz: setup
+	./scripts/fuzz.sh $(FUZZ_SECONDS)
+
+fuzz-smoke: setup
+	./scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)

@@ -3,9 +3,11 @@
 //! Every byte is read through [`PhysRead`], so this module has no unsafe
 //! code, runs no privileged instruction and is unit-tested on the host with
 //! hand-built tables. Every checksum is verified, every length is checked
-//! against the table that holds it before anything inside is read, and no
-//! read leaves the table being parsed (once its header says how long it is).
-//! Bad firmware data gives an [`AcpiError`], never a panic.
+//! against the table that holds it before anything inside is read, no read
+//! leaves the table being parsed (once its header says how long it is), and
+//! no structure may run past the top of the address space (its reads would
+//! wrap to address 0). Bad firmware data gives an [`AcpiError`], never a
+//! panic; `fuzz/` fuzzes all of it (target `acpi_madt`).
 //!
 //! What is kept from the MADT ([`Madt`]): the local APIC physical address
 //! (with a type 5 override applied), each processor of type 0 (Processor
@@ -123,6 +125,15 @@ pub enum AcpiError {
     TableNotFound {
         /// The signature searched for.
         signature: [u8; 4],
+    },
+    /// A structure (the RSDP, a table, or a table a root lists) whose bytes
+    /// would run past the top of the physical address space: no read may
+    /// wrap around to address 0.
+    AddressOverflow {
+        /// The structure's address.
+        address: u64,
+        /// The bytes it needs from there.
+        length: u32,
     },
     /// A MADT entry is shorter than its type requires, has length 0 or 1,
     /// or runs past the end of the MADT.
@@ -244,7 +255,18 @@ struct Window<'m, M: PhysRead> {
     length: u32,
 }
 
-impl<M: PhysRead> Window<'_, M> {
+impl<'m, M: PhysRead> Window<'m, M> {
+    /// The window `[base, base + length)`, refused if it would wrap the
+    /// address space (so no `base + offset` below can overflow).
+    fn new(memory: &'m M, base: u64, length: u32) -> Result<Self, AcpiError> {
+        check_span(base, length)?;
+        Ok(Window {
+            memory,
+            base,
+            length,
+        })
+    }
+
     fn fits(&self, offset: u32, size: u32) -> bool {
         offset
             .checked_add(size)
@@ -302,6 +324,14 @@ impl<M: PhysRead> Window<'_, M> {
     }
 }
 
+/// [`AcpiError::AddressOverflow`] if `length` bytes from `address` wrap.
+fn check_span(address: u64, length: u32) -> Result<(), AcpiError> {
+    match address.checked_add(u64::from(length)) {
+        Some(_) => Ok(()),
+        None => Err(AcpiError::AddressOverflow { address, length }),
+    }
+}
+
 /// Maps an out-of-window read (which the length checks made impossible) to
 /// an error instead of a panic.
 fn field<T>(
@@ -328,11 +358,7 @@ fn parse_rsdp(memory: &impl PhysRead, address: u64) -> Result<Root, AcpiError> {
     if address == 0 {
         return Err(AcpiError::NoRsdp);
     }
-    let v1 = Window {
-        memory,
-        base: address,
-        length: RSDP_V1_LENGTH,
-    };
+    let v1 = Window::new(memory, address, RSDP_V1_LENGTH)?;
     let low = u64::from(memory.read_u32(address));
     let high = u64::from(memory.read_u32(address + 4));
     if (low | high << 32).to_le_bytes() != RSDP_SIGNATURE {
@@ -344,15 +370,13 @@ fn parse_rsdp(memory: &impl PhysRead, address: u64) -> Result<Root, AcpiError> {
     let revision = v1.u8(15).unwrap_or(0);
     let rsdt = u64::from(v1.u32(16).unwrap_or(0));
     if revision >= 2 {
+        // The length field ends at 24: inside the 36 bytes of a 2.0 RSDP.
+        check_span(address, RSDP_V2_LENGTH)?;
         let length = memory.read_u32(address + 20);
         if !(RSDP_V2_LENGTH..=4096).contains(&length) {
             return Err(AcpiError::BadRsdpLength { address, length });
         }
-        let v2 = Window {
-            memory,
-            base: address,
-            length,
-        };
+        let v2 = Window::new(memory, address, length)?;
         if v2.checksum() != 0 {
             return Err(AcpiError::BadRsdpExtendedChecksum { address });
         }
@@ -367,8 +391,10 @@ fn parse_rsdp(memory: &impl PhysRead, address: u64) -> Result<Root, AcpiError> {
     Ok(Root::Rsdt(rsdt))
 }
 
-fn signature_at(memory: &impl PhysRead, address: u64) -> [u8; 4] {
-    memory.read_u32(address).to_le_bytes()
+/// The signature of the table at `address`, whose header must not wrap.
+fn signature_at(memory: &impl PhysRead, address: u64) -> Result<[u8; 4], AcpiError> {
+    check_span(address, SDT_HEADER_LENGTH)?;
+    Ok(memory.read_u32(address).to_le_bytes())
 }
 
 /// Validates the table at `address`: signature, length and checksum.
@@ -378,7 +404,7 @@ fn open_table<M: PhysRead>(
     expected: [u8; 4],
     minimum_length: u32,
 ) -> Result<Window<'_, M>, AcpiError> {
-    let found = signature_at(memory, address);
+    let found = signature_at(memory, address)?;
     if found != expected {
         return Err(AcpiError::UnexpectedSignature {
             address,
@@ -394,11 +420,7 @@ fn open_table<M: PhysRead>(
             length,
         });
     }
-    let table = Window {
-        memory,
-        base: address,
-        length,
-    };
+    let table = Window::new(memory, address, length)?;
     if table.checksum() != 0 {
         return Err(AcpiError::BadTableChecksum {
             signature: expected,
@@ -428,7 +450,7 @@ pub fn find_table(memory: &impl PhysRead, rsdp: u64, wanted: [u8; 4]) -> Result<
             root.u64(offset)
         };
         let table = field(pointer, root_signature, root_address, root.length)?;
-        if table != 0 && signature_at(memory, table) == wanted {
+        if table != 0 && signature_at(memory, table)? == wanted {
             open_table(memory, table, wanted, SDT_HEADER_LENGTH)?;
             return Ok(table);
         }
@@ -759,11 +781,13 @@ mod tests {
             parse_madt(&m, ROOT).unwrap_err(),
             AcpiError::BadRsdpSignature { address: ROOT }
         );
-        // An RSDP pointer past the end of memory reads 0xff: no panic.
+        // An RSDP pointer past the end of memory reads 0xff: no panic (one
+        // whose 20 bytes would wrap the address space is refused before any
+        // read: structures_that_would_wrap_the_address_space_are_refused).
         assert_eq!(
-            parse_madt(&m, 0xffff_ffff_ffff_fff0).unwrap_err(),
+            parse_madt(&m, 0xffff_ffff_ffff_ff00).unwrap_err(),
             AcpiError::BadRsdpSignature {
-                address: 0xffff_ffff_ffff_fff0
+                address: 0xffff_ffff_ffff_ff00
             }
         );
     }
@@ -934,6 +958,74 @@ mod tests {
         let madt = parse_madt(&m, RSDP).unwrap();
         assert_eq!(madt.processors().len(), MAX_PROCESSORS);
         assert_eq!(madt.processors_omitted, 3);
+    }
+
+    /// Found by the `acpi_madt` fuzz target: a MADT address near the top
+    /// of the address space made `open_table` read across 2^64, and
+    /// `address + 4` overflowed (a panic in a debug build, a read at
+    /// address 0 in a release one); the RSDP's reads did the same. Every
+    /// structure is now refused before a read could wrap.
+    #[test]
+    fn structures_that_would_wrap_the_address_space_are_refused() {
+        /// Every dword reads "APIC": a MADT signature anywhere.
+        struct ApicEverywhere;
+        impl PhysRead for ApicEverywhere {
+            fn read_u32(&self, _: u64) -> u32 {
+                u32::from_le_bytes(signature::MADT)
+            }
+            fn read_u64(&self, _: u64) -> u64 {
+                0
+            }
+        }
+        let overflow = |address, length| AcpiError::AddressOverflow { address, length };
+        let top = u64::MAX - 3;
+        assert_eq!(
+            parse_madt_at(&ApicEverywhere, top).unwrap_err(),
+            overflow(top, SDT_HEADER_LENGTH)
+        );
+        let m = machine_v2(&default_entries());
+        assert_eq!(parse_madt_at(&m, top).unwrap_err(), overflow(top, 36));
+        assert_eq!(
+            parse_madt(&m, top).unwrap_err(),
+            overflow(top, RSDP_V1_LENGTH)
+        );
+        // 20 bytes fit, the 36 of a 2.0 RSDP do not: refused before its
+        // length field is read.
+        let at = u64::MAX - 30;
+        let mut tail = Memory(vec![0; 31]);
+        tail.put(0, b"RSD PTR ");
+        tail.put(15, &[2]);
+        tail.fix_checksum(0, 20, 8);
+        struct AtTop(Memory);
+        impl PhysRead for AtTop {
+            fn read_u32(&self, pa: u64) -> u32 {
+                self.0.read_u32(pa - (u64::MAX - 30))
+            }
+            fn read_u64(&self, pa: u64) -> u64 {
+                self.0.read_u64(pa - (u64::MAX - 30))
+            }
+        }
+        assert_eq!(
+            parse_madt(&AtTop(tail), at).unwrap_err(),
+            overflow(at, RSDP_V2_LENGTH)
+        );
+        // An XSDT pointer near the top.
+        let mut m = machine_v2(&default_entries());
+        m.put(RSDP + 24, &(u64::MAX - 8).to_le_bytes());
+        m.fix_checksum(RSDP, 20, 8);
+        m.fix_checksum(RSDP, 36, 32);
+        assert_eq!(
+            parse_madt(&m, RSDP).unwrap_err(),
+            overflow(u64::MAX - 8, SDT_HEADER_LENGTH)
+        );
+        // A root listing a table near the top, before the MADT.
+        let mut m = machine_v2(&default_entries());
+        m.put(ROOT + 36, &(u64::MAX - 1).to_le_bytes());
+        m.fix_checksum(ROOT, 52, 9);
+        assert_eq!(
+            parse_madt(&m, RSDP).unwrap_err(),
+            overflow(u64::MAX - 1, SDT_HEADER_LENGTH)
+        );
     }
 
     #[test]

@@ -63,6 +63,13 @@ pub enum KernelError {
     Not64Bit,
     /// `syssize` (0x1F4) is 0: there is no protected-mode kernel.
     EmptyPayload,
+    /// The protected-mode kernel (`syssize` * 16 bytes) ends at or before
+    /// its 64-bit entry, 0x200 bytes in: the entry would run whatever
+    /// follows it in memory.
+    PayloadTooShort {
+        /// The payload's length in bytes.
+        length: u64,
+    },
     /// The kernel is not relocatable (`relocatable_kernel`, 0x234, is 0) and
     /// its `pref_address` cannot be used.
     NotRelocatable {
@@ -145,6 +152,9 @@ impl KernelError {
             }
             Self::Not64Bit => "the kernel has no 64-bit entry point (XLF_KERNEL_64 clear)",
             Self::EmptyPayload => "the bzImage has no protected-mode kernel (syssize 0)",
+            Self::PayloadTooShort { .. } => {
+                "the bzImage's protected-mode kernel ends before its 64-bit entry (0x200)"
+            }
             Self::NotRelocatable { .. } => {
                 "the kernel is not relocatable and its preferred address is unusable"
             }
@@ -174,6 +184,7 @@ impl fmt::Display for KernelError {
                 write!(f, " (version {}.{:02})", version >> 8, version & 0xff)
             }
             Self::HeaderTooShort { end } => write!(f, " (ends at {end:#x})"),
+            Self::PayloadTooShort { length } => write!(f, " ({length:#x} bytes)"),
             Self::NotRelocatable { pref_address } => write!(f, " ({pref_address:#x})"),
             Self::InitrdTooLarge { size, limit } => {
                 write!(f, " (size {size:#x}, limit {limit:#x})")
@@ -350,7 +361,8 @@ pub struct BzImage<'a> {
 impl<'a> BzImage<'a> {
     /// Parses and validates the setup header: magic, protocol >= 2.12, a
     /// header long enough for 2.12, `XLF_KERNEL_64`, and a payload
-    /// (`(setup_sects + 1) * 512` on, `syssize * 16` bytes) inside the file.
+    /// (`(setup_sects + 1) * 512` on, `syssize * 16` bytes) inside the file
+    /// and longer than 0x200 bytes, so that [`Self::entry_64`] lies in it.
     /// Also chooses the load address (see [`Self::load_address`]).
     ///
     /// Whether the kernel fits the TD is a separate question, since the
@@ -400,6 +412,11 @@ impl<'a> BzImage<'a> {
             return Err(KernelError::EmptyPayload);
         }
         let payload_len = u64::from(syssize) * 16;
+        if payload_len <= ENTRY_64_OFFSET {
+            return Err(KernelError::PayloadTooShort {
+                length: payload_len,
+            });
+        }
         let payload_end = payload_start as u64 + payload_len;
         let payload = usize::try_from(payload_end)
             .ok()
@@ -473,7 +490,8 @@ impl<'a> BzImage<'a> {
         self.load_address
     }
 
-    /// The 64-bit entry point: load address + 0x200.
+    /// The 64-bit entry point: load address + 0x200, inside the payload
+    /// once loaded ([`Self::parse`] refuses a shorter one).
     pub fn entry_64(&self) -> u64 {
         self.load_address + ENTRY_64_OFFSET
     }
@@ -596,9 +614,9 @@ fn put(zero_page: &mut [u8], at: usize, bytes: &[u8]) {
 ///   most 128);
 /// - `cmd_line_ptr` (0x228) / `ext_cmd_line_ptr` (0x0C8) = `cmdline_gpa`
 ///   (0 for none);
-/// - with `initrd = Some((gpa, size))`: `ramdisk_image` (0x218),
-///   `ramdisk_size` (0x21C), `ext_ramdisk_image` (0x0C0),
-///   `ext_ramdisk_size` (0x0C4);
+/// - `ramdisk_image` (0x218), `ramdisk_size` (0x21C), `ext_ramdisk_image`
+///   (0x0C0), `ext_ramdisk_size` (0x0C4) = `initrd`'s `(gpa, size)`, all 0
+///   with `initrd = None` (never the values of the image's header);
 /// - `acpi_rsdp_addr` (0x070) = `rsdp_gpa`.
 ///
 /// With `image = None` (a non-Linux ELF guest) a minimal setup header is
@@ -686,20 +704,22 @@ pub fn build_boot_params(
         zp::EXT_CMD_LINE_PTR,
         &((cmdline_gpa >> 32) as u32).to_le_bytes(),
     );
-    if let Some((gpa, size)) = initrd {
-        put(page, hdr::RAMDISK_IMAGE, &(gpa as u32).to_le_bytes());
-        put(page, hdr::RAMDISK_SIZE, &(size as u32).to_le_bytes());
-        put(
-            page,
-            zp::EXT_RAMDISK_IMAGE,
-            &((gpa >> 32) as u32).to_le_bytes(),
-        );
-        put(
-            page,
-            zp::EXT_RAMDISK_SIZE,
-            &((size >> 32) as u32).to_le_bytes(),
-        );
-    }
+    // Written with or without an initrd: boot.rst has ramdisk_image and
+    // ramdisk_size "write (obligatory)", 0 for none, and the copied header
+    // holds whatever the file had there.
+    let (gpa, size) = initrd.unwrap_or((0, 0));
+    put(page, hdr::RAMDISK_IMAGE, &(gpa as u32).to_le_bytes());
+    put(page, hdr::RAMDISK_SIZE, &(size as u32).to_le_bytes());
+    put(
+        page,
+        zp::EXT_RAMDISK_IMAGE,
+        &((gpa >> 32) as u32).to_le_bytes(),
+    );
+    put(
+        page,
+        zp::EXT_RAMDISK_SIZE,
+        &((size >> 32) as u32).to_le_bytes(),
+    );
     put(page, zp::ACPI_RSDP_ADDR, &rsdp_gpa.to_le_bytes());
     Ok(())
 }
@@ -910,6 +930,48 @@ mod tests {
             BzImage::parse(&empty).err(),
             Some(KernelError::EmptyPayload)
         );
+    }
+
+    /// Found by the `kernel_image` fuzz target: a bzImage whose payload is
+    /// at most 0x200 bytes (syssize 1 here) was accepted, and its 64-bit
+    /// entry, load address + 0x200, lay past the bytes the loader copies.
+    #[test]
+    fn a_payload_that_ends_before_the_64_bit_entry_is_refused() {
+        for (syssize, length) in [(1u32, 0x10u64), (0x20, 0x200)] {
+            let b = Builder::new().u32(0x1f4, syssize).bytes;
+            assert_eq!(
+                BzImage::parse(&b).err(),
+                Some(KernelError::PayloadTooShort { length })
+            );
+        }
+        // One byte of code at the entry is enough.
+        let mut b = Builder::new().u32(0x1f4, 0x21).bytes;
+        b.truncate(4 * 512 + 0x210);
+        let image = BzImage::parse(&b).unwrap();
+        assert!(image.entry_64() < image.load_address() + image.payload().len() as u64);
+        assert_eq!(
+            KernelError::PayloadTooShort { length: 0x10 }.to_string(),
+            "the bzImage's protected-mode kernel ends before its 64-bit entry (0x200) (0x10 bytes)"
+        );
+    }
+
+    /// Found by the `kernel_image` fuzz target (the zero page read back by
+    /// the guest's parser): without an initrd, `build_boot_params` left the
+    /// image header's `ramdisk_image`/`ramdisk_size` in the zero page, so
+    /// the kernel was told of an initrd nobody loaded.
+    #[test]
+    fn no_initrd_clears_the_header_ramdisk_fields() {
+        let image_bytes = Builder::new()
+            .u32(0x218, 0xffff_ffff)
+            .u32(0x21c, 0xffff)
+            .bytes;
+        let image = BzImage::parse(&image_bytes).unwrap();
+        let mut page = vec![0xccu8; 4096];
+        build_boot_params(&mut page, Some(&image), &[], 0x2_0000, None, 0).unwrap();
+        assert_eq!(le32(&page, 0x218), 0);
+        assert_eq!(le32(&page, 0x21c), 0);
+        assert_eq!(le32(&page, 0x0c0), 0);
+        assert_eq!(le32(&page, 0x0c4), 0);
     }
 
     #[test]

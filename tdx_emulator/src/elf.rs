@@ -29,6 +29,10 @@ pub enum ElfError {
     TooManySegments,
     /// `e_entry` is not inside the file bytes of any PT_LOAD segment.
     EntryOutsideImage,
+    /// A PT_LOAD segment with more file bytes than memory bytes (the
+    /// loader would zero a negative tail), or whose memory would run past
+    /// the top of the address space.
+    BadSegment,
 }
 
 impl core::fmt::Display for ElfError {
@@ -41,6 +45,9 @@ impl core::fmt::Display for ElfError {
             ElfError::EntryOutsideImage => {
                 "the ELF entry point is outside the image's loaded bytes"
             }
+            ElfError::BadSegment => {
+                "an ELF segment has more file than memory bytes, or wraps the address space"
+            }
         })
     }
 }
@@ -48,7 +55,10 @@ impl core::fmt::Display for ElfError {
 /// Segments kept at most.
 pub const MAX_SEGMENTS: usize = 16;
 
-/// A parsed image.
+/// A parsed image. Every segment's file bytes lie inside the file, its
+/// `file_size` is at most its `memory_size` (> 0), and
+/// `paddr + memory_size` does not wrap; `fuzz/` checks it (target
+/// `kernel_image`).
 #[derive(Clone, Copy, Debug)]
 pub struct Image {
     pub segments: [Segment; MAX_SEGMENTS],
@@ -68,6 +78,13 @@ fn read<const N: usize>(bytes: &[u8], at: u64) -> Result<[u8; N], ElfError> {
         .get(start..end)
         .and_then(|s| s.try_into().ok())
         .ok_or(ElfError::Truncated)
+}
+
+/// `base + offset`: a field of a header or note the file places there. One
+/// that would be past the end of the address space is past the end of the
+/// file.
+fn at(base: u64, offset: u64) -> Result<u64, ElfError> {
+    base.checked_add(offset).ok_or(ElfError::Truncated)
 }
 
 fn u16_at(bytes: &[u8], at: u64) -> Result<u16, ElfError> {
@@ -109,12 +126,13 @@ pub fn parse(bytes: &[u8]) -> Result<Image, ElfError> {
     };
     let mut entry = None;
     for index in 0..phnum {
-        let header = phoff + index * phentsize;
+        // phnum and phentsize are u16: the product cannot overflow.
+        let header = at(phoff, index * phentsize)?;
         let kind = u32_at(bytes, header)?;
-        let offset = u64_at(bytes, header + 8)?;
-        let paddr = u64_at(bytes, header + 24)?;
-        let file_size = u64_at(bytes, header + 32)?;
-        let memory_size = u64_at(bytes, header + 40)?;
+        let offset = u64_at(bytes, at(header, 8)?)?;
+        let paddr = u64_at(bytes, at(header, 24)?)?;
+        let file_size = u64_at(bytes, at(header, 32)?)?;
+        let memory_size = u64_at(bytes, at(header, 40)?)?;
         match kind {
             PT_LOAD if memory_size > 0 => {
                 if offset
@@ -122,6 +140,9 @@ pub fn parse(bytes: &[u8]) -> Result<Image, ElfError> {
                     .is_none_or(|end| end > bytes.len() as u64)
                 {
                     return Err(ElfError::Truncated);
+                }
+                if file_size > memory_size || paddr.checked_add(memory_size).is_none() {
+                    return Err(ElfError::BadSegment);
                 }
                 let slot = image
                     .segments
@@ -150,15 +171,20 @@ pub fn parse(bytes: &[u8]) -> Result<Image, ElfError> {
     Ok(image)
 }
 
+/// The PVH entry of the notes in `bytes[offset..offset + size]`, if one is
+/// there. Every offset is checked: a note that would run past the end of
+/// the address space is [`ElfError::Truncated`], like one past the file's.
 fn find_pvh_note(bytes: &[u8], offset: u64, size: u64) -> Result<Option<u32>, ElfError> {
+    // Sizes are u32s: rounding them up cannot overflow a u64.
     let align4 = |n: u64| (n + 3) & !3;
-    let mut at = offset;
-    while at + 12 <= offset + size {
-        let name_size = u64::from(u32_at(bytes, at)?);
-        let desc_size = u64::from(u32_at(bytes, at + 4)?);
-        let kind = u32_at(bytes, at + 8)?;
-        let name_at = at + 12;
-        let desc_at = name_at + align4(name_size);
+    let end = at(offset, size)?;
+    let mut note = offset;
+    while at(note, 12)? <= end {
+        let name_size = u64::from(u32_at(bytes, note)?);
+        let desc_size = u64::from(u32_at(bytes, at(note, 4)?)?);
+        let kind = u32_at(bytes, at(note, 8)?)?;
+        let name_at = at(note, 12)?;
+        let desc_at = at(name_at, align4(name_size))?;
         if kind == XEN_ELFNOTE_PHYS32_ENTRY && read::<4>(bytes, name_at)? == *b"Xen\0" {
             return match desc_size {
                 4 => u32_at(bytes, desc_at).map(Some),
@@ -166,7 +192,7 @@ fn find_pvh_note(bytes: &[u8], offset: u64, size: u64) -> Result<Option<u32>, El
                 _ => Err(ElfError::NoPvhEntry),
             };
         }
-        at = desc_at + align4(desc_size);
+        note = at(desc_at, align4(desc_size))?;
     }
     Ok(None)
 }
@@ -250,6 +276,59 @@ mod tests {
                 memory_size: 0x1000
             }
         );
+    }
+
+    /// Found by the `kernel_image` fuzz target: a PT_NOTE whose offset plus
+    /// size wraps made `find_pvh_note` overflow (a panic in a debug build,
+    /// a loop over the wrong bytes in a release one). Now `Truncated`.
+    #[test]
+    fn notes_that_wrap_the_address_space_are_truncated() {
+        let note = 64 + 56;
+        for (offset, size) in [(0x180, u64::MAX), (u64::MAX - 4, 20), (u64::MAX - 11, 12)] {
+            let mut b = hand_made();
+            b[note + 8..note + 16].copy_from_slice(&offset.to_le_bytes());
+            b[note + 32..note + 40].copy_from_slice(&size.to_le_bytes());
+            assert_eq!(
+                parse(&b).unwrap_err(),
+                ElfError::Truncated,
+                "note at {offset:#x}, {size:#x} bytes"
+            );
+        }
+        // A name size that puts the descriptor past the file: no overflow
+        // (the sizes are u32s), just another note past the end.
+        let mut b = hand_made();
+        b[0x180..0x184].copy_from_slice(&u32::MAX.to_le_bytes());
+        b[0x188..0x18c].copy_from_slice(&17u32.to_le_bytes());
+        b[note + 32..note + 40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(parse(&b).unwrap_err(), ElfError::Truncated);
+    }
+
+    /// Found by the `kernel_image` fuzz target's checks: a PT_LOAD whose
+    /// memory wraps the address space was accepted, and so was one with
+    /// more file than memory bytes, for which the emulator's loader computes
+    /// `memory_size - file_size` as the zeroed tail (an overflow panic, or
+    /// a fill of nearly 2^64 bytes).
+    #[test]
+    fn segments_the_loader_cannot_place_are_refused() {
+        let load = 64;
+        let mut b = hand_made();
+        b[load + 40..load + 48].copy_from_slice(&0xfu64.to_le_bytes());
+        assert_eq!(parse(&b).unwrap_err(), ElfError::BadSegment);
+        // Memory past 2^64, with the entry in the segment's file bytes.
+        let mut b = hand_made();
+        b[load + 24..load + 32].copy_from_slice(&(u64::MAX - 0x10).to_le_bytes());
+        b[24..32].copy_from_slice(&(u64::MAX - 0x8).to_le_bytes());
+        assert_eq!(parse(&b).unwrap_err(), ElfError::BadSegment);
+        // Exactly as many memory as file bytes, and memory ending at the
+        // top: fine (the entry is checked separately).
+        let mut b = hand_made();
+        b[load + 40..load + 48].copy_from_slice(&0x10u64.to_le_bytes());
+        let image = parse(&b).unwrap();
+        assert_eq!(image.segments[0].memory_size, 0x10);
+        let mut b = hand_made();
+        b[load + 24..load + 32].copy_from_slice(&(u64::MAX - 0x1000).to_le_bytes());
+        b[24..32].copy_from_slice(&(u64::MAX - 0x1000).to_le_bytes());
+        assert!(parse(&b).is_ok());
     }
 
     #[test]
