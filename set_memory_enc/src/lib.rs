@@ -201,6 +201,11 @@ pub enum ConvError<E> {
     NotPresent(VirtAddr),
     /// Part of the range is already in the target state.
     AlreadyInTargetState(VirtAddr),
+    /// The page maps frame 0 with no flag but PRESENT (and PS): without
+    /// PRESENT its entry would be all zero, which every walk reads as
+    /// "nothing mapped", so the mapping would be lost at step 2. Map it
+    /// with any other flag (ACCESSED, say) to convert it.
+    ZeroWhenNotPresent(VirtAddr),
     /// The range overlaps a conversion in progress on another CPU.
     Busy {
         /// Start of the conversion in progress.
@@ -519,6 +524,15 @@ where
             // The part of the leaf inside the range (a leaf that straddles
             // an end is split later, which leaves its frames as they are).
             let gpa = cc.leaf_frame(leaf.entry, leaf.level).0 + (first - leaf.va.0);
+            // Made non-present (and, in one of the two states, without C/S
+            // bits), only frame 0's entry with no other flag is zero; for a
+            // large leaf, the 4K entry a split gives its first page.
+            let flags = leaf.entry.0
+                & !(PteFlags::PRESENT.bits() | PteFlags::HUGE_PAGE.bits() | cc.all())
+                & !pagetable::leaf_addr_field(leaf.level);
+            if gpa == 0 && flags == 0 {
+                return Err(ConvError::ZeroWhenNotPresent(VirtAddr(first)));
+            }
             runs.extend(
                 VirtAddr(first),
                 PhysAddr(gpa),
