@@ -67,8 +67,8 @@ pub use bare::smp::cpu_index;
 /// starts).
 static APIC: spin::Once<Apic> = spin::Once::new();
 const SPURIOUS_VECTOR: u8 = 0xff;
-/// Wakes idle CPUs to look for work (the stress).
-const WAKE_VECTOR: u8 = 0xf1;
+/// Wakes idle CPUs to look for work (the stress, a test's AP job).
+pub const WAKE_VECTOR: u8 = 0xf1;
 /// APIC IDs of the CPUs the MADT lists as enabled (read under the boot map:
 /// the ACPI tables are not RAM, so the direct map does not cover them).
 static CPU_APIC_IDS: spin::Once<([u32; shootdown::MAX_CPUS], usize)> = spin::Once::new();
@@ -254,6 +254,11 @@ extern "C" fn bsp_main() -> ! {
         panic!("APIC enable: {e:?}");
     }
     shootdown::cpu_online(0);
+    // The boot CPU counts as online, so a shootdown started on another CPU
+    // waits for its acknowledgement, which its IPI handler gives: it must
+    // take interrupts from now on (with them off, a conversion on an AP
+    // hung the machine; test conversion_started_on_an_ap_completes).
+    bare::cpu::enable_interrupts();
     let (apic_ids, cpus) = CPU_APIC_IDS.get().expect("read at boot");
     let apic_ids = &apic_ids[..*cpus];
     let started = match *AP_START.get().expect("chosen at boot") {
@@ -462,6 +467,9 @@ extern "C" fn ap_main(cpu: usize) -> ! {
         if stress::work_pending() {
             bare::cpu::enable_interrupts();
             stress::loader_loop();
+        } else if tests::ap_job_pending() {
+            bare::cpu::enable_interrupts();
+            tests::run_ap_job();
         } else {
             bare::cpu::enable_interrupts_and_halt();
         }

@@ -24,12 +24,20 @@ static INITIATOR: Mutex<()> = Mutex::new(());
 pub static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 pub static IPIS_SENT: AtomicU64 = AtomicU64::new(0);
 
-/// Marks this CPU as taking shootdowns (its IDT and APIC are ready). It
-/// catches up on generations it missed by flushing now.
+/// Marks this CPU as taking shootdowns (its IDT and APIC are ready), with
+/// interrupts still off. It joins first, then reads the generation, then
+/// flushes, then acknowledges what it read: an initiator that saw it
+/// offline bumped the generation before it joined (so the flush comes
+/// after that initiator's entry changes); one that saw it online waits for
+/// an acknowledgement of its own generation, which the IPI, pending until
+/// this CPU enables interrupts, brings. Acknowledging before joining, or
+/// flushing before reading the generation, could acknowledge a flush that
+/// happened before the entries changed.
 pub fn cpu_online(cpu: usize) {
-    bare::cpu::flush_tlb_local();
-    ACKED[cpu].store(GENERATION.load(Ordering::SeqCst), Ordering::SeqCst);
     ONLINE.fetch_or(1 << cpu, Ordering::SeqCst);
+    let generation = GENERATION.load(Ordering::SeqCst);
+    bare::cpu::flush_tlb_local();
+    ACKED[cpu].store(generation, Ordering::SeqCst);
 }
 
 /// How many CPUs take shootdowns.

@@ -7,7 +7,7 @@ use super::report::{Test, TestResult};
 use super::{test_area, vmalloc};
 use crate::ensure;
 use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 use pagetable::{
     Leaf, Level, PhysAddr, Pte, PteFlags, TableMemory, VirtAddr, WalkError, PAGE_SIZE,
 };
@@ -35,7 +35,78 @@ pub const TESTS: &[Test] = &[
         flush_window_maps_frame_as_it_is,
     ),
     ("ud2_reaches_the_guest", ud2_reaches_the_guest),
+    (
+        "conversion_started_on_an_ap_completes",
+        conversion_started_on_an_ap_completes,
+    ),
 ];
+
+/// A conversion round trip for one AP to run (`conversion_started_on_an_ap_
+/// completes`): the page's VA (0: none), and the outcome.
+static AP_JOB_VA: AtomicU64 = AtomicU64::new(0);
+static AP_JOB_OUTCOME: AtomicU64 = AtomicU64::new(AP_JOB_NONE);
+const AP_JOB_NONE: u64 = 0;
+const AP_JOB_OK: u64 = 1;
+const AP_JOB_FAILED: u64 = 2;
+
+/// Whether a test left a job for an AP (checked by idle APs).
+pub fn ap_job_pending() -> bool {
+    AP_JOB_VA.load(Ordering::SeqCst) != 0
+}
+
+/// Runs the job if this AP is first to claim it: the page to shared and
+/// back, each conversion started here, so each shootdown waits for the
+/// boot CPU's acknowledgement.
+pub fn run_ap_job() {
+    let va = AP_JOB_VA.swap(0, Ordering::SeqCst);
+    if va == 0 {
+        return;
+    }
+    let ok = engine().set_memory_shared(VirtAddr(va), 1).is_ok()
+        && engine().set_memory_private(VirtAddr(va), 1).is_ok();
+    let outcome = if ok { AP_JOB_OK } else { AP_JOB_FAILED };
+    AP_JOB_OUTCOME.store(outcome, Ordering::SeqCst);
+}
+
+/// The engine's promise that any CPU may convert: an AP converts while the
+/// boot CPU waits (interrupts on, as always after boot), and its shootdowns
+/// complete. With the boot CPU taking no interrupts the AP's first
+/// shootdown never got its acknowledgement (issue 11, defect 1): the wait
+/// below times out.
+fn conversion_started_on_an_ap_completes() -> TestResult {
+    if super::shootdown::online_count() < 2 {
+        bare::println!("  (one CPU: no AP to convert on)");
+        return Ok(());
+    }
+    let va = block(6) + 30 * PAGE_SIZE;
+    let shootdowns = super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst);
+    AP_JOB_OUTCOME.store(AP_JOB_NONE, Ordering::SeqCst);
+    AP_JOB_VA.store(va, Ordering::SeqCst);
+    super::send_ipi_to_others(super::WAKE_VECTOR);
+    let done = super::wait_until(20_000_000, || {
+        AP_JOB_OUTCOME.load(Ordering::SeqCst) != AP_JOB_NONE
+    });
+    AP_JOB_VA.store(0, Ordering::SeqCst);
+    ensure!(
+        done,
+        "the AP's conversion did not finish in 20 s (its shootdown waits for the boot CPU)"
+    );
+    ensure!(
+        AP_JOB_OUTCOME.load(Ordering::SeqCst) == AP_JOB_OK,
+        "the AP's conversion failed"
+    );
+    let taken = super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst) - shootdowns;
+    ensure!(
+        taken == 2,
+        "{taken} shootdowns, want 2 (one per conversion)"
+    );
+    let leaf = lookup(va).map_err(|e| fail(format_args!("lookup: {e:?}")))?;
+    ensure!(
+        leaf.entry.is_present() && !cc().is_shared(leaf.entry),
+        "the page is not present and private after the round trip"
+    );
+    Ok(())
+}
 
 /// A `ud2` (BUG()/WARN()) raises the guest's own #UD: in a TD the emulator
 /// intercepts every #UD to find TDCALLs and must reflect the rest.

@@ -95,6 +95,14 @@ fn build(args: &Args) -> Result<Machine, String> {
             kernel,
             initrd: args.initrd.clone(),
         },
+        // Our guest's TD needs multi-threaded TCG, as tests/qemu/tests/td.rs
+        // runs it: its stress spins loaders on every vCPU, and under
+        // single-threaded TCG it never got past the first conversion.
+        Some(options) if args.kernel.is_none() && args.initrd.is_none() => Machine::Td {
+            emulator: qemu_harness::emulator_elf()?,
+            guest: kernel,
+            options: options.join(" "),
+        },
         Some(options) => Machine::TdKernel(TdKernel {
             emulator: qemu_harness::emulator_elf()?,
             kernel,
