@@ -27,7 +27,7 @@ pub use entry::{
     SOFTWARE_SHARED_BIT,
 };
 pub use level::{Level, PagingMode, ENTRIES_PER_TABLE};
-pub use tables::{Leaf, PageTables, TableAllocator, TableError, TableMemory, WalkError};
+pub use tables::{Leaf, LeafSpan, PageTables, TableAllocator, TableError, TableMemory, WalkError};
 
 #[cfg(test)]
 mod tests;

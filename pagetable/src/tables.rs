@@ -96,6 +96,47 @@ impl Leaf {
     }
 }
 
+/// Leaves in consecutive entries of one table, found by a walk: a range's
+/// later passes update them with no walk at all
+/// ([`PageTables::update_span`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafSpan {
+    /// The table that holds the entries.
+    pub table: PhysAddr,
+    /// Index of the first entry.
+    pub first: usize,
+    /// Number of entries.
+    pub count: usize,
+    /// Their level.
+    pub level: Level,
+    /// First virtual address the first entry maps.
+    pub va: VirtAddr,
+}
+
+impl LeafSpan {
+    /// The span of `leaf` alone.
+    pub const fn of(leaf: &Leaf) -> LeafSpan {
+        LeafSpan {
+            table: leaf.table,
+            first: leaf.index,
+            count: 1,
+            level: leaf.level,
+            va: leaf.va,
+        }
+    }
+
+    /// Adds `leaf` if it is the entry right after the span's last one in
+    /// the same table; returns whether it did.
+    pub fn extend(&mut self, leaf: &Leaf) -> bool {
+        let next = self.first + self.count;
+        let continues = leaf.table == self.table && leaf.level == self.level && leaf.index == next;
+        if continues {
+            self.count += 1;
+        }
+        continues
+    }
+}
+
 /// Why a walk stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WalkError {
@@ -273,6 +314,41 @@ impl<M: TableMemory> PageTables<M> {
                 Err(seen) => current = seen,
             }
         }
+    }
+
+    /// [`PageTables::update_leaf`] for every entry of `span`, in order, with
+    /// one read and one compare-exchange each and no walk. Stops at the
+    /// first entry that is no longer a leaf of the span's level (zero, or a
+    /// table pointer where a large leaf was) and returns the address it
+    /// maps: the span is stale, someone changed the tables under it.
+    pub fn update_span(
+        &self,
+        span: &LeafSpan,
+        update: impl Fn(Pte) -> Pte,
+    ) -> Result<(), VirtAddr> {
+        let huge = PteFlags::HUGE_PAGE.bits();
+        let want_huge = if span.level == Level::Pt { 0 } else { huge };
+        let size = span.level.entry_span();
+        let end = span.first.saturating_add(span.count).min(ENTRIES_PER_TABLE);
+        for (n, index) in (span.first..end).enumerate() {
+            let mut current = self.memory.load(span.table, index);
+            loop {
+                let still_leaf =
+                    current != 0 && (span.level == Level::Pt || current & huge == want_huge);
+                if !still_leaf {
+                    return Err(VirtAddr(span.va.0.wrapping_add(n as u64 * size)));
+                }
+                let new = update(Pte(current)).0;
+                match self
+                    .memory
+                    .compare_exchange(span.table, index, current, new)
+                {
+                    Ok(_) => break,
+                    Err(seen) => current = seen,
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Splits a present or non-present 2M/1G leaf into a table of 512 leaves

@@ -427,3 +427,80 @@ fn nested_tables_take_guest_physical_addresses_with_bit_47() {
         "the private alias is separate"
     );
 }
+
+/// next_leaf walks a range with one entry read per leaf inside a table and a
+/// walk from the root where a table ends; the spans it yields take updates
+/// with no walk, and a span made stale by a split (or an unmap) is refused
+/// at the first entry that is no longer its leaf, with nothing after it
+/// touched.
+#[test]
+fn next_leaf_and_spans_read_each_entry_once_and_refuse_stale_spans() {
+    let mem = SimMemory::new(PhysAddr(0x100_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::tdx(48).unwrap());
+    let base = 0xffff_8880_0000_0000u64;
+    // 4K leaves at the end of one page table, then a 2M leaf after it.
+    for i in 508..512u64 {
+        let va = VirtAddr(base + i * PAGE_SIZE);
+        pt.map_leaf(
+            va,
+            PhysAddr(i * PAGE_SIZE),
+            Level::Pt,
+            kernel_rw(),
+            false,
+            &&mem,
+        )
+        .unwrap();
+    }
+    pt.map_leaf(
+        VirtAddr(base + MIB2),
+        PhysAddr(MIB2),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
+    let first = pt.lookup_address(VirtAddr(base + 508 * PAGE_SIZE)).unwrap();
+    let reads = mem.reads();
+    let mut leaf = first;
+    let mut span = LeafSpan::of(&first);
+    for _ in 0..3 {
+        leaf = pt.next_leaf(&leaf).unwrap();
+        assert!(span.extend(&leaf));
+    }
+    assert_eq!(mem.reads() - reads, 3, "one read per leaf inside the table");
+    assert_eq!(span.count, 4);
+    // Entry 511 ends the table: a walk from the root (PML4, PDPT, PD).
+    let reads = mem.reads();
+    let large = pt.next_leaf(&leaf).unwrap();
+    assert_eq!(mem.reads() - reads, 3);
+    assert_eq!((large.level, large.va), (Level::Pd, VirtAddr(base + MIB2)));
+    assert!(!span.extend(&large), "another table, another span");
+
+    let clear = |e: Pte| Pte(e.0 & !PteFlags::PRESENT.bits());
+    pt.update_span(&span, clear).unwrap();
+    for i in 508..512u64 {
+        assert_eq!(pt.translate(VirtAddr(base + i * PAGE_SIZE)), None);
+    }
+    // The 2M leaf split after its span was taken: the span is stale.
+    let stale = LeafSpan::of(&large);
+    pt.split(&large, &&mem).unwrap();
+    let before = mem.snapshot();
+    assert_eq!(pt.update_span(&stale, clear), Err(VirtAddr(base + MIB2)));
+    assert_eq!(
+        mem.snapshot(),
+        before,
+        "nothing written through a stale span"
+    );
+    // An entry of a 4K span unmapped: refused there, earlier ones done.
+    let set = |e: Pte| Pte(e.0 | PteFlags::PRESENT.bits());
+    pt.unmap_leaf(VirtAddr(base + 510 * PAGE_SIZE)).unwrap();
+    assert_eq!(
+        pt.update_span(&span, set),
+        Err(VirtAddr(base + 510 * PAGE_SIZE))
+    );
+    assert!(pt.translate(VirtAddr(base + 509 * PAGE_SIZE)).is_some());
+    assert!(pt
+        .lookup_address(VirtAddr(base + 511 * PAGE_SIZE))
+        .is_ok_and(|l| !l.entry.is_present()));
+}

@@ -64,8 +64,8 @@ pub mod sim;
 pub use inflight::MAX_IN_FLIGHT;
 use inflight::{InFlight, ReserveError};
 use pagetable::{
-    CcMask, Leaf, PageTables, PhysAddr, Pte, PteFlags, TableAllocator, TableError, TableMemory,
-    VirtAddr, WalkError, PAGE_SIZE,
+    CcMask, Leaf, LeafSpan, PageTables, PhysAddr, Pte, PteFlags, TableAllocator, TableError,
+    TableMemory, VirtAddr, WalkError, PAGE_SIZE,
 };
 
 /// Which way a conversion goes.
@@ -345,9 +345,13 @@ where
             Ok(())
         })?;
 
+        // The leaves are final now (the boundaries are split): step 2 finds
+        // where their entries are, and steps 5 and 7 write them there.
         trace(Step::ClearPresent);
+        let mut spans = Spans::default();
         self.for_each_leaf(range, |leaf| {
             stats.leaves += 1;
+            spans.extend(leaf);
             self.update(leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
         })?;
 
@@ -363,9 +367,7 @@ where
         }
 
         trace(Step::FlipEncoding);
-        self.for_each_leaf(range, |leaf| {
-            self.update(leaf, |e| reencode(cc, e, direction))
-        })?;
+        self.update_leaves(range, &spans, |e| reencode(cc, e, direction))?;
 
         // The frames come from the entries we just made non-present. That is
         // sound only because the range is reserved: no one else may change
@@ -376,9 +378,7 @@ where
         trace(Step::SetPresent);
         match failure {
             None => {
-                self.for_each_leaf(range, |leaf| {
-                    self.update(leaf, |e| Pte(e.0 | PteFlags::PRESENT.bits()))
-                })?;
+                self.update_leaves(range, &spans, |e| Pte(e.0 | PteFlags::PRESENT.bits()))?;
                 Ok(stats)
             }
             Some(quarantine) => {
@@ -648,6 +648,25 @@ where
         }
     }
 
+    /// Applies `change` to every leaf entry of `range`: through the spans
+    /// step 2 found (no walk), or, when there were more than [`Spans`]
+    /// keeps, through a walk.
+    fn update_leaves(
+        &self,
+        range: Range,
+        spans: &Spans,
+        change: impl Fn(Pte) -> Pte,
+    ) -> Result<(), ConvError<P::Error>> {
+        match spans.all() {
+            Some(mut kept) => kept.try_for_each(|span| {
+                self.tables
+                    .update_span(span, &change)
+                    .map_err(ConvError::TablesChanged)
+            }),
+            None => self.for_each_leaf(range, |leaf| self.update(leaf, &change)),
+        }
+    }
+
     fn update(&self, leaf: &Leaf, change: impl Fn(Pte) -> Pte) -> Result<(), ConvError<P::Error>> {
         self.tables
             .update_leaf(leaf, change)
@@ -775,6 +794,44 @@ impl Runs {
     /// Every run, unless there were too many to keep.
     fn all(&self) -> Option<&[GpaRun]> {
         (!self.overflowed).then(|| &self.kept[..self.len])
+    }
+}
+
+/// Where the leaf entries of one conversion are, kept from step 2's walk
+/// while they fill at most [`SPANS_KEPT`] runs of consecutive entries (a
+/// range inside one 2M block of 4K leaves is one span).
+#[derive(Clone, Copy, Default)]
+struct Spans {
+    kept: [Option<LeafSpan>; SPANS_KEPT],
+    len: usize,
+    /// More spans than `kept` holds: the leaves are walked again.
+    overflowed: bool,
+}
+
+/// Spans a conversion keeps.
+const SPANS_KEPT: usize = 8;
+
+impl Spans {
+    fn extend(&mut self, leaf: &Leaf) {
+        if self.overflowed {
+            return;
+        }
+        if let Some(Some(last)) = self.len.checked_sub(1).map(|i| &mut self.kept[i]) {
+            if last.extend(leaf) {
+                return;
+            }
+        }
+        match self.kept.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(LeafSpan::of(leaf));
+                self.len += 1;
+            }
+            None => self.overflowed = true,
+        }
+    }
+
+    fn all(&self) -> Option<impl Iterator<Item = &LeafSpan>> {
+        (!self.overflowed).then(|| self.kept[..self.len].iter().flatten())
     }
 }
 

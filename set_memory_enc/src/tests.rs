@@ -809,11 +809,12 @@ where
 /// Regression guards on what a conversion costs (issue 8, section 4): a
 /// change that adds a walk, a write, a shootdown or a hypercall fails here.
 /// 64 pages of one page table (the leaves split by a first round trip), as
-/// a TD: one walk from the root (4 reads) and one read per further leaf for
-/// each of the four leaf passes (validation, steps 2, 5 and 7), 4 reads for
-/// each of the two boundary split checks, and one write per leaf in each of
-/// steps 2, 5 and 7; the runs come from the validation's walk. The legacy
-/// order: two leaf passes and one write per leaf. Both: one shootdown, one
+/// a TD: two walks over the leaves (validation, step 2), each one walk from
+/// the root (4 reads) and one read per further leaf; 4 reads for each of
+/// the two boundary split checks; one read per leaf in each of steps 5 and
+/// 7, which write where step 2 found the entries; one write per leaf in
+/// each of steps 2, 5 and 7; the runs come from the validation's walk. The
+/// legacy order: two walks over the leaves and one write per leaf. Both: one shootdown, one
 /// MapGPA for the one GPA run, an ACCEPT per 4K page going private, and
 /// every page flushed going shared.
 #[test]
@@ -833,7 +834,7 @@ fn operation_counts_per_conversion_are_regression_guards() {
     let pass = 4 + (leaves - 1);
     let split_checks = 2 * 4;
     let seven = |accepts, flushed_pages| Work {
-        reads: 4 * pass + split_checks,
+        reads: 2 * pass + 2 * leaves + split_checks,
         writes: 3 * leaves,
         shootdowns: 1,
         notified_runs: 1,
@@ -869,7 +870,7 @@ fn operation_counts_per_conversion_are_regression_guards() {
     let block = DMAP + 5 * MIB2;
     let pages = MIB2 / PAGE_SIZE;
     let one_leaf = |accepts, flushed_pages| Work {
-        reads: 4 * 3 + split_checks - 2,
+        reads: 2 * 3 + 2 + split_checks - 2,
         writes: 3,
         shootdowns: 1,
         notified_runs: 1,
