@@ -70,8 +70,9 @@ demo: setup
 
 # Issue 8: the same benchmark on Linux (its module) and on ours (both
 # orders, TD and plain), 2 vCPUs, in one run; writes README's table.
+BENCH_ROUNDS ?= 100
 bench: guest linux-td-fetch
-	$(ELFS) $(LINUX_TD) $(CARGO) run --quiet --release -p qemu-harness --bin bench
+	$(ELFS) $(LINUX_TD) $(CARGO) run --quiet --release -p qemu-harness --bin bench -- --rounds $(BENCH_ROUNDS)
 
 test: guest linux-td-fetch
 	$(CARGO) fmt --all --check

@@ -321,12 +321,14 @@ pub fn run_linux(rounds: u32) -> Result<(crate::Run, Vec<Bench>), String> {
         options: String::new(),
     });
     let append = format!("console=ttyS0 coco_race=bench coco_race.bench_rounds={rounds}");
-    let run = crate::run_guest(
-        &machine,
-        2,
-        Some(&append),
-        std::time::Duration::from_secs(600),
-    )?;
+    let run = crate::linux::retry_tcg_stale_code("bench: Linux", || {
+        crate::run_guest(
+            &machine,
+            2,
+            Some(&append),
+            std::time::Duration::from_secs(600),
+        )
+    })?;
     let serial = crate::linux::serial_part(&run.log);
     let log = || format!("\n--- serial log ---\n{}", run.log);
     if run.exit_code != Some(crate::EXIT_TD_POWER_OFF)

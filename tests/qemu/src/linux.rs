@@ -222,9 +222,50 @@ pub fn judge_linux(exit: Option<i32>, log: &str, expect: &Expect) -> Result<Linu
     }
 }
 
+/// The "Oops: int3" that multi-threaded TCG's stale translation of code
+/// Linux just patched causes (see [`crate::qemu_command`]), if the log has one.
+pub fn tcg_stale_code_oops(log: &str) -> Option<&str> {
+    log.lines().find(|l| l.contains("Oops: int3"))
+}
+
+/// More boots after the first when that oops ends one.
+pub const TCG_STALE_CODE_RETRIES: u32 = 2;
+
+/// Runs `boot`, and again (at most [`TCG_STALE_CODE_RETRIES`] more times)
+/// while its run ends in TCG's stale-code oops, saying so each time: a
+/// QEMU defect, not what the run measures. Any other outcome is returned as
+/// it is, and so is the last of the oopsing runs.
+pub fn retry_tcg_stale_code(
+    what: &str,
+    mut boot: impl FnMut() -> Result<crate::Run, String>,
+) -> Result<crate::Run, String> {
+    let mut run = boot()?;
+    for retry in 1..=TCG_STALE_CODE_RETRIES {
+        let Some(line) = tcg_stale_code_oops(serial_part(&run.log)) else {
+            break;
+        };
+        eprintln!(
+            "{what}: Linux hit multi-threaded TCG's stale-code int3 ({}); boot {} of {}",
+            line.trim(),
+            retry + 1,
+            TCG_STALE_CODE_RETRIES + 1
+        );
+        run = boot()?;
+    }
+    Ok(run)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_int3_oops_counts_as_tcg_stale_code() {
+        let int3 = "[ 10.9] Oops: int3: 0000 [#1] PREEMPT SMP PTI\n[ 10.9] RIP: 0010:sched_clock_cpu+0x9/0x190";
+        assert!(tcg_stale_code_oops(int3).is_some_and(|l| l.contains("int3")));
+        assert!(tcg_stale_code_oops("[ 1.0] Oops: general protection fault: 0000 [#1]").is_none());
+        assert!(tcg_stale_code_oops("all fine").is_none());
+    }
     use crate::EXIT_TD_POWER_OFF;
 
     // Abridged from a 6.12 boot (timestamps as CONFIG_PRINTK_TIME prints

@@ -93,7 +93,10 @@ fn boot(kernel: PathBuf, initramfs: PathBuf, options: &str, cpus: u32, cmdline: 
         options: options.to_string(),
     });
     let _one = one_qemu_at_a_time();
-    let run = run_guest(&machine, cpus, Some(cmdline), TIMEOUT).expect("running QEMU");
+    let run = qemu_harness::linux::retry_tcg_stale_code("linux_race", || {
+        run_guest(&machine, cpus, Some(cmdline), TIMEOUT)
+    })
+    .expect("running QEMU");
     println!(
         "linux_race: {cpus} vCPUs, options {options:?}, command line {cmdline:?}: {} in {:.1} s",
         describe_exit(run.exit_code),
