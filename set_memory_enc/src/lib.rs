@@ -183,8 +183,9 @@ pub struct Quarantine<E> {
     pub cause: E,
 }
 
-/// Why a conversion did not happen. Every variant but [`ConvError::Quarantined`]
-/// and [`ConvError::TablesChanged`] means no entry was changed.
+/// Why a conversion did not happen. Every variant but [`ConvError::Quarantined`],
+/// [`ConvError::QuarantinedAndTablesChanged`] and [`ConvError::TablesChanged`]
+/// means no entry was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvError<E> {
     /// The address is not 4K aligned.
@@ -221,6 +222,17 @@ pub enum ConvError<E> {
     OutOfTableMemory,
     /// The hypervisor failed mid-way; see [`Quarantine`].
     Quarantined(Quarantine<E>),
+    /// The hypervisor failed mid-way (`quarantine`), and then restoring
+    /// the pages around the quarantine stopped at `at` because the tables
+    /// had changed under the engine: every page from `at` to the end of the
+    /// range is left non-present too, in an unknown state. Never reuse any
+    /// of them.
+    QuarantinedAndTablesChanged {
+        /// What the hypervisor's failure left.
+        quarantine: Quarantine<E>,
+        /// Where restoring stopped.
+        at: VirtAddr,
+    },
     /// An entry of the reserved range changed under the engine: someone broke
     /// the rule that only the engine touches a range while converting it.
     TablesChanged(VirtAddr),
@@ -381,10 +393,10 @@ where
                 self.update_leaves(range, &spans, |e| Pte(e.0 | PteFlags::PRESENT.bits()))?;
                 Ok(stats)
             }
-            Some(quarantine) => {
-                self.finish_after_failure(range, &quarantine, direction)?;
-                Err(ConvError::Quarantined(quarantine))
-            }
+            Some(quarantine) => match self.finish_after_failure(range, &quarantine, direction) {
+                Ok(()) => Err(ConvError::Quarantined(quarantine)),
+                Err(at) => Err(ConvError::QuarantinedAndTablesChanged { quarantine, at }),
+            },
         }
     }
 
@@ -699,29 +711,32 @@ where
     /// Step 7 after a failure: pages before the quarantine reached the target
     /// state and become present; the quarantine stays non-present; pages after
     /// it were never shown to the hypervisor, so they get their old C/S bit
-    /// back and become present.
+    /// back and become present. If the tables changed under the engine, the
+    /// error is where restoring stopped: nothing from there on was restored.
     fn finish_after_failure(
         &self,
         range: Range,
         quarantine: &Quarantine<P::Error>,
         direction: Direction,
-    ) -> Result<(), ConvError<P::Error>> {
+    ) -> Result<(), VirtAddr> {
         let cc = self.tables.cc_mask();
         let back = match direction {
             Direction::ToShared => Direction::ToPrivate,
             Direction::ToPrivate => Direction::ToShared,
         };
         let quarantine_end = quarantine.va.0 + quarantine.bytes;
+        let mut restored_to = range.start;
         self.for_each_leaf(range, |leaf| {
             let present = PteFlags::PRESENT.bits();
             if leaf.va.0 < quarantine.va.0 {
-                self.update(leaf, |e| Pte(e.0 | present))
+                self.update(leaf, |e| Pte(e.0 | present))?;
             } else if leaf.va.0 >= quarantine_end {
-                self.update(leaf, |e| Pte(reencode(cc, e, back).0 | present))
-            } else {
-                Ok(())
+                self.update(leaf, |e| Pte(reencode(cc, e, back).0 | present))?;
             }
+            restored_to = leaf.end().min(range.end);
+            Ok(())
         })
+        .map_err(|_| VirtAddr(restored_to))
     }
 }
 

@@ -887,3 +887,55 @@ fn operation_counts_per_conversion_are_regression_guards() {
     });
     assert_eq!(private, one_leaf(1, 0), "a 2M leaf to private");
 }
+
+/// A restore that fails after a hypervisor failure keeps the quarantine
+/// (issue 11, defect 4: it used to come back as `TablesChanged`, and the
+/// caller lost which pages never to reuse): MapGPA fails in the first run,
+/// and a rule-breaker unmaps a page of the second run meanwhile, so
+/// restoring stops there. The error carries both the quarantine and where
+/// restoring stopped; everything from there on stays non-present.
+#[test]
+fn a_failed_restore_after_a_hypervisor_failure_keeps_the_quarantine() {
+    let fake = tdx_fake();
+    fake.retry_every(2 * PAGE_SIZE);
+    fake.fail_map_at(
+        Gpa(CHUNK_A + 5 * PAGE_SIZE),
+        VmcallStatus::InvalidOperand.raw(),
+    );
+    let w = world(tdx_platform(&fake));
+    let mem = w.mem;
+    let (cc, root) = (w.engine.tables().cc_mask(), w.engine.tables().root());
+    let pulled = VirtAddr(VMAP + 12 * PAGE_SIZE);
+    w.log.set_hook(Some(Arc::new(move |e: &Event| {
+        if matches!(e, Event::Notify(..)) {
+            let tables = PageTables::new(mem, root, PagingMode::FourLevel, cc);
+            let _ = tables.unmap_leaf(pulled);
+        }
+    })));
+    let result = w.engine.set_memory_shared(VirtAddr(VMAP), 16);
+    w.log.set_hook(None);
+    match result {
+        Err(ConvError::QuarantinedAndTablesChanged { quarantine, at }) => {
+            assert_eq!(quarantine.va, VirtAddr(VMAP + 4 * PAGE_SIZE));
+            assert_eq!(quarantine.bytes, 4 * PAGE_SIZE);
+            assert_eq!(at, pulled, "restoring stopped at the unmapped page");
+        }
+        other => panic!("want the quarantine and where restoring stopped, got {other:?}"),
+    }
+    assert_eq!(
+        state(&w, VMAP, 4 * PAGE_SIZE),
+        (true, true),
+        "converted part usable"
+    );
+    assert_eq!(
+        state(&w, VMAP + 8 * PAGE_SIZE, 4 * PAGE_SIZE),
+        (true, false),
+        "restored before the stop"
+    );
+    let after = w
+        .engine
+        .tables()
+        .lookup_address(VirtAddr(VMAP + 13 * PAGE_SIZE))
+        .unwrap();
+    assert!(!after.entry.is_present(), "not restored after the stop");
+}
