@@ -4,8 +4,8 @@ use crate::{Direction, GpaRun, NotifyError, Platform};
 use core::sync::atomic::{AtomicU64, Ordering};
 use pagetable::{CcMask, MaskError, PhysAddr};
 use tdx_hypercall::{
-    accept_range, map_gpa, vp_info, AcceptError, Gpa, MapGpaErrorKind, MapTarget, TdCall,
-    TdcallError,
+    accept_range_counting, map_gpa_counting, vp_info, AcceptError, AcceptStats, Gpa,
+    MapGpaErrorKind, MapGpaStats, MapTarget, TdCall, TdcallError,
 };
 
 /// An ordinary VM: every step runs, no address bit changes, the hypervisor
@@ -110,25 +110,22 @@ impl<T: TdCall> Platform for Tdx<T> {
             Direction::ToShared => MapTarget::Shared,
             Direction::ToPrivate => MapTarget::Private,
         };
-        let mapped = map_gpa(
+        // Counted whether the call succeeds or not, so that the totals match
+        // what the VMM saw even after a failure.
+        let c = &self.counters;
+        let mut sent = MapGpaStats::default();
+        let mapped = map_gpa_counting(
             &self.tdcall,
             start,
             run.bytes,
             target,
             self.cc.shared_bits(),
+            &mut sent,
         );
-        let c = &self.counters;
-        match &mapped {
-            Ok(stats) => {
-                c.map_gpa_calls
-                    .fetch_add(stats.calls.into(), Ordering::Relaxed);
-                c.map_gpa_retries
-                    .fetch_add(stats.retries.into(), Ordering::Relaxed);
-            }
-            Err(_) => {
-                c.map_gpa_calls.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        c.map_gpa_calls
+            .fetch_add(sent.calls.into(), Ordering::Relaxed);
+        c.map_gpa_retries
+            .fetch_add(sent.retries.into(), Ordering::Relaxed);
         if let Err(e) = mapped {
             // Going shared, [start, converted_up_to) is shared and usable.
             // Going private, nothing is accepted yet: the whole run is unknown.
@@ -143,20 +140,18 @@ impl<T: TdCall> Platform for Tdx<T> {
         }
         if direction == Direction::ToPrivate {
             let end = Gpa(run.gpa_end().0);
-            match accept_range(&self.tdcall, start, end) {
-                Ok(stats) => {
-                    c.accepted[0].fetch_add(stats.accepted_4k, Ordering::Relaxed);
-                    c.accepted[1].fetch_add(stats.accepted_2m, Ordering::Relaxed);
-                    c.accepted[2].fetch_add(stats.accepted_1g, Ordering::Relaxed);
-                    c.size_fallbacks
-                        .fetch_add(stats.size_mismatch_fallbacks, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    return Err(NotifyError {
-                        consistent_up_to: PhysAddr(e.accepted_up_to.0),
-                        cause: TdxError::Accept(e.cause),
-                    })
-                }
+            let mut accepted = AcceptStats::default();
+            let result = accept_range_counting(&self.tdcall, start, end, &mut accepted);
+            c.accepted[0].fetch_add(accepted.accepted_4k, Ordering::Relaxed);
+            c.accepted[1].fetch_add(accepted.accepted_2m, Ordering::Relaxed);
+            c.accepted[2].fetch_add(accepted.accepted_1g, Ordering::Relaxed);
+            c.size_fallbacks
+                .fetch_add(accepted.size_mismatch_fallbacks, Ordering::Relaxed);
+            if let Err(e) = result {
+                return Err(NotifyError {
+                    consistent_up_to: PhysAddr(e.accepted_up_to.0),
+                    cause: TdxError::Accept(e.cause),
+                });
             }
         }
         Ok(())

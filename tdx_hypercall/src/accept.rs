@@ -161,10 +161,22 @@ pub fn accept_range<T: TdCall + ?Sized>(
     start: Gpa,
     end: Gpa,
 ) -> Result<AcceptStats, AcceptRangeError> {
-    check_range(start, end)?;
     let mut stats = AcceptStats::default();
-    accept_pieces(tdcall, start, end, &mut stats, None)?;
+    accept_range_counting(tdcall, start, end, &mut stats)?;
     Ok(stats)
+}
+
+/// [`accept_range`], adding what it did to `stats` whether it succeeds or not: a caller that
+/// keeps totals (to compare with what the TDX module saw) counts the ACCEPTs that succeeded
+/// before a failing one too.
+pub fn accept_range_counting<T: TdCall + ?Sized>(
+    tdcall: &T,
+    start: Gpa,
+    end: Gpa,
+    stats: &mut AcceptStats,
+) -> Result<(), AcceptRangeError> {
+    check_range(start, end)?;
+    accept_pieces(tdcall, start, end, stats, None)
 }
 
 /// Counters of one [`accept_ram`].

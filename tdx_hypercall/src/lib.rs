@@ -31,8 +31,8 @@ pub mod sim;
 mod tests;
 
 pub use accept::{
-    accept_ram, accept_range, page_accept, AcceptError, AcceptRamStats, AcceptRangeError,
-    AcceptSize, AcceptStats, ACCEPT_BUSY_RETRIES,
+    accept_ram, accept_range, accept_range_counting, page_accept, AcceptError, AcceptRamStats,
+    AcceptRangeError, AcceptSize, AcceptStats, ACCEPT_BUSY_RETRIES,
 };
 pub use info::{
     is_tdx_cpuid_signature, veinfo_get, vp_info, VeInfo, VpInfo, EXIT_REASON_EPT_VIOLATION,
@@ -41,7 +41,8 @@ pub use info::{
 #[cfg(target_arch = "x86_64")]
 pub use instruction::TdcallInstruction;
 pub use map_gpa::{
-    map_gpa, MapGpaError, MapGpaErrorKind, MapGpaStats, MapTarget, MAP_GPA_MAX_STALLED_RETRIES,
+    map_gpa, map_gpa_counting, MapGpaError, MapGpaErrorKind, MapGpaStats, MapTarget,
+    MAP_GPA_MAX_STALLED_RETRIES,
 };
 pub use vmcall::{
     cpuid, hlt, io_read, io_write, mmio_read, mmio_write, rdmsr, report_fatal_error, vmcall, wrmsr,

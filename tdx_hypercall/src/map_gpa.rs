@@ -110,6 +110,22 @@ pub fn map_gpa<T: TdCall + ?Sized>(
     target: MapTarget,
     shared_bit: u64,
 ) -> Result<MapGpaStats, MapGpaError> {
+    let mut stats = MapGpaStats::default();
+    map_gpa_counting(tdcall, start, len, target, shared_bit, &mut stats)?;
+    Ok(stats)
+}
+
+/// [`map_gpa`], adding its calls and RETRYs to `stats` whether it succeeds or not: a caller
+/// that keeps totals (to compare with what the VMM saw) counts the calls of a failed
+/// conversion too.
+pub fn map_gpa_counting<T: TdCall + ?Sized>(
+    tdcall: &T,
+    start: Gpa,
+    len: u64,
+    target: MapTarget,
+    shared_bit: u64,
+    stats: &mut MapGpaStats,
+) -> Result<(), MapGpaError> {
     let end = validate(start, len, shared_bit).map_err(|kind| MapGpaError {
         converted_up_to: start,
         kind,
@@ -121,7 +137,6 @@ pub fn map_gpa<T: TdCall + ?Sized>(
         })
     };
 
-    let mut stats = MapGpaStats::default();
     let mut cur = start.0;
     let mut stalled: u32 = 0;
     loop {
@@ -145,7 +160,7 @@ pub fn map_gpa<T: TdCall + ?Sized>(
             Err(e) => return fail(cur, MapGpaErrorKind::Tdcall(e)),
         };
         match out.status {
-            VmcallStatus::Success => return Ok(stats),
+            VmcallStatus::Success => return Ok(()),
             VmcallStatus::Retry => stats.retries = stats.retries.saturating_add(1),
             other => return fail(cur, MapGpaErrorKind::Status(other)),
         }
