@@ -1,9 +1,17 @@
 //! The stress this project exists for. The boot CPU converts one page back
 //! and forth while every other CPU runs `load_unaligned_zeropad()` across the
-//! boundary into it from the page before. Every loaded value is checked: the
-//! bytes inside the first page must be exact; the bytes beyond the boundary
-//! either the converted page's bytes (it was present) or zero (the load hit
-//! the non-present window and the #PF fixup ran). Any other value, or any
+//! boundary into it from the page before. After every conversion the boot
+//! CPU writes a fresh pattern into the converted page (a new one each
+//! conversion, so different in the private and the shared state; never a
+//! zero byte), inside a seqlock. Every loaded value is checked: the bytes
+//! inside the first page must be exact; the bytes beyond the boundary, when
+//! no conversion ran during the load, exactly the pattern in place (a stale
+//! or wrong page shows here: both MapGPA and ACCEPT zero the page in a TD,
+//! so a fixed pattern would have been "the page's bytes or zero" either
+//! way); during a conversion, each byte that of the old or the new pattern,
+//! or zero (the non-present window's #PF fixup, or a page just zeroed).
+//! `stable_loads=` counts the exact checks and must be above 0. Any other
+//! value, or any
 //! fault other than that #PF, is a failure; so is any EPT-violation #VE in a
 //! TD (`ve=`; `faults` makes each one fatal at once, so a run that gets to
 //! the `STRESS` line reports 0, and the check stands guard should that
@@ -16,6 +24,8 @@
 //! negative control. In a TD it is expected to end at the first
 //! EPT-violation #VE, which the emulator counts; elsewhere nothing can see
 //! the window missing, and the run passes without needing `fixups > 0`.
+//! `stress-skip-pattern=<n>` leaves the pattern of conversion n unwritten:
+//! the negative control of the pattern check (wrong values, a failed run).
 
 use super::engine::engine;
 use super::faults::{EPT_VIOLATION_VE, UNEXPECTED_FAULTS, VE_TAKEN};
@@ -34,6 +44,10 @@ pub struct Settings {
     pub order: Order,
     /// Round trips (shared then private); each is two conversions.
     pub round_trips: u64,
+    /// Negative control: after this conversion (counted from 1) the boot
+    /// CPU does not write the new pattern, so loads must find the page
+    /// wrong (`stress-skip-pattern=<n>`).
+    pub skip_pattern: Option<u64>,
 }
 
 /// Round trips without `stress-rounds=`.
@@ -53,9 +67,17 @@ impl Settings {
                 _ => panic!("stress-rounds={value:?}: want a number of round trips above 0"),
             },
         };
+        let skip_pattern = command_line
+            .split_whitespace()
+            .find_map(|arg| arg.strip_prefix("stress-skip-pattern="))
+            .map(|value| match value.parse() {
+                Ok(n) if n > 0 => n,
+                _ => panic!("stress-skip-pattern={value:?}: want a conversion number above 0"),
+            });
         Settings {
             order: Order::from_command_line(command_line),
             round_trips,
+            skip_pattern,
         }
     }
 }
@@ -135,23 +157,63 @@ fn first_page_byte(offset: u64) -> u8 {
     (offset % 239) as u8 ^ 0xa5
 }
 
-fn converted_page_byte(offset: u64) -> u8 {
-    (offset % 241) as u8 ^ 0x3c
+/// Byte `offset` of the converted page's pattern after conversion number
+/// `generation` (0: before the first): different every conversion, so in
+/// the private and the shared state too, and never zero, so that it cannot
+/// pass for a zero-padded byte or a freshly zeroed page.
+fn pattern_byte(offset: u64, generation: u64) -> u8 {
+    let mixed = offset.wrapping_mul(37) ^ generation.wrapping_mul(0x9e37_79b9) ^ (generation >> 7);
+    (mixed % 255) as u8 + 1
 }
 
-/// What a load at `PAGE_SIZE - back` of the first page may return: the
-/// bytes read through the boundary, or those bytes with zeros past it.
-fn acceptable(back: u64) -> (u64, u64) {
-    let mut inside = 0u64;
-    let mut beyond = 0u64;
-    for k in 0..8 {
-        if k < back {
-            inside |= u64::from(first_page_byte(PAGE_SIZE - back + k)) << (8 * k);
-        } else {
-            beyond |= u64::from(converted_page_byte(k - back)) << (8 * k);
-        }
+/// Bytes of the converted page the boot CPU rewrites after every
+/// conversion (the loaders read its first 7).
+const PATTERN_BYTES: u64 = 64;
+
+/// Seqlock over the pattern: odd while a conversion and its rewrite are in
+/// progress; `SEQUENCE / 2` is the generation of the pattern in place.
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+/// Loads checked against one exact pattern (no conversion in progress).
+static STABLE_LOADS: AtomicU64 = AtomicU64::new(0);
+/// How long, in spins, the boot CPU leaves a new pattern in place for a
+/// loader to check exactly before it converts again.
+const STABLE_WAIT_SPINS: u32 = 1 << 16;
+
+/// Writes generation `generation`'s pattern (the page is present).
+fn write_pattern(page: u64, generation: u64) {
+    for offset in 0..PATTERN_BYTES {
+        // SAFETY: the converted page is a test-area page of the direct map,
+        // present between conversions, used by nothing else.
+        unsafe {
+            core::ptr::write_volatile((page + offset) as *mut u8, pattern_byte(offset, generation))
+        };
     }
-    (inside | beyond, inside)
+}
+
+/// Whether `value`, loaded at `PAGE_SIZE - back` of the first page between
+/// reading `SEQUENCE` as `before` and as `after`, is right: the first page's
+/// bytes exactly; past the boundary, with no conversion in between, exactly
+/// the pattern in place; otherwise each byte that of a pattern of the
+/// generations involved, or zero (the #PF fixup's zero padding, or a page
+/// the conversion zeroed). `None`: too many conversions went by to say.
+fn load_is_right(value: u64, back: u64, before: u64, after: u64) -> Option<bool> {
+    let stable = before == after && before % 2 == 0;
+    if after.wrapping_sub(before) > 2 {
+        return None;
+    }
+    let (oldest, newest) = (before / 2, after.div_ceil(2));
+    let right = (0..8u64).all(|k| {
+        let byte = (value >> (8 * k)) as u8;
+        if k < back {
+            return byte == first_page_byte(PAGE_SIZE - back + k);
+        }
+        let offset = k - back;
+        if stable {
+            return byte == pattern_byte(offset, oldest);
+        }
+        byte == 0 || (oldest..=newest).any(|g| byte == pattern_byte(offset, g))
+    });
+    Some(right)
 }
 
 /// Whether a stress is running that this CPU should join.
@@ -166,22 +228,31 @@ pub fn loader_loop() {
         return;
     }
     LOADERS_ACTIVE.fetch_add(1, Ordering::SeqCst);
-    let expected: [(u64, u64); 8] = core::array::from_fn(|back| acceptable(back as u64));
     let mut loads = 0u64;
     let mut wrong = 0u64;
     while RUNNING.load(Ordering::Relaxed) {
         for back in 1..=7u64 {
             let address = first + PAGE_SIZE - back;
+            let before = SEQUENCE.load(Ordering::Acquire);
             // SAFETY: the first page stays mapped and present for the whole
             // stress; the next one is the page under conversion, which is
             // exactly what load_unaligned_zeropad is for.
             let value = unsafe { load_unaligned_zeropad(address as *const u8) };
-            let (through, zeropadded) = expected[back as usize];
-            if value != through && value != zeropadded {
-                wrong += 1;
-                if wrong <= 3 {
-                    println!("STRESS wrong value at -{back}: {value:#018x} (want {through:#018x} or {zeropadded:#018x})");
+            // Seqlock read side: the load above stays before the re-read.
+            core::sync::atomic::fence(Ordering::Acquire);
+            let after = SEQUENCE.load(Ordering::Relaxed);
+            match load_is_right(value, back, before, after) {
+                Some(true) => {}
+                Some(false) => {
+                    wrong += 1;
+                    if wrong <= 3 {
+                        println!("STRESS wrong value at -{back}: {value:#018x} (sequence {before} -> {after})");
+                    }
                 }
+                None => {}
+            }
+            if before == after && before % 2 == 0 {
+                STABLE_LOADS.fetch_add(1, Ordering::Relaxed);
             }
             loads += 1;
         }
@@ -195,7 +266,11 @@ pub fn loader_loop() {
 /// `STRESS` line, and returns whether it proved something and found nothing
 /// wrong. `wake_loaders` makes the other CPUs enter `loader_loop`.
 pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: impl Fn()) -> bool {
-    let Settings { order, round_trips } = settings;
+    let Settings {
+        order,
+        round_trips,
+        skip_pattern,
+    } = settings;
     if cpus < 2 {
         println!("STRESS cpus={cpus} skipped=1");
         return true;
@@ -207,9 +282,11 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         // private, used by nothing else.
         unsafe {
             core::ptr::write_volatile((first + offset) as *mut u8, first_page_byte(offset));
-            core::ptr::write_volatile((converted + offset) as *mut u8, converted_page_byte(offset));
         }
     }
+    SEQUENCE.store(0, Ordering::SeqCst);
+    write_pattern(converted, 0);
+    let stable_before = STABLE_LOADS.load(Ordering::SeqCst);
     let fixups_before = ZEROPAD_FIXUPS.load(Ordering::SeqCst);
     let faults_before = UNEXPECTED_FAULTS.load(Ordering::SeqCst);
     let ve_before = EPT_VIOLATION_VE.load(Ordering::SeqCst);
@@ -231,7 +308,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     let mut errors = 0u64;
     // Five progress lines, whatever the length.
     let progress_every = round_trips.div_ceil(5);
-    for round in 0..round_trips {
+    'rounds: for round in 0..round_trips {
         if show_progress && round % progress_every == 0 {
             println!(
                 "stress: {round} round trips, {} fixups so far",
@@ -239,14 +316,30 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
             );
         }
         for direction in [Direction::ToShared, Direction::ToPrivate] {
+            // Odd: in flux until the new pattern is in place.
+            let generation = SEQUENCE.fetch_add(1, Ordering::SeqCst) / 2 + 1;
             match order.convert(VirtAddr(converted), 1, direction) {
                 Ok(_) => conversions += 1,
                 Err(e) => {
+                    // The page's state is unknown: stop, and leave the
+                    // sequence odd so that no load is held to a pattern.
                     errors += 1;
-                    if errors <= 3 {
-                        println!("STRESS conversion failed: {e:?}");
-                    }
+                    println!("STRESS conversion failed: {e:?}");
+                    break 'rounds;
                 }
+            }
+            if skip_pattern != Some(conversions) {
+                write_pattern(converted, generation);
+            }
+            SEQUENCE.fetch_add(1, Ordering::SeqCst);
+            // Back to back, conversions would leave no load a stable
+            // pattern to check: wait (bounded) until one loader did.
+            let seen = STABLE_LOADS.load(Ordering::SeqCst);
+            for _ in 0..STABLE_WAIT_SPINS {
+                if STABLE_LOADS.load(Ordering::Relaxed) != seen {
+                    break;
+                }
+                core::hint::spin_loop();
             }
         }
     }
@@ -263,8 +356,9 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     let unexpected = UNEXPECTED_FAULTS.load(Ordering::SeqCst) - faults_before;
     let loads = LOADS.load(Ordering::SeqCst);
     let wrong = WRONG_BYTES.load(Ordering::SeqCst);
+    let stable = STABLE_LOADS.load(Ordering::SeqCst) - stable_before;
     println!(
-        "STRESS cpus={cpus} conversions={conversions} conversion_errors={errors} loads={loads} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={} ve={ve} ve_any={ve_any} order={} map_gpa_during={} accepts_during={} flushed_pages_during={}",
+        "STRESS cpus={cpus} conversions={conversions} conversion_errors={errors} loads={loads} stable_loads={stable} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={} ve={ve} ve_any={ve_any} order={} map_gpa_during={} accepts_during={} flushed_pages_during={}",
         super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst),
         super::shootdown::IPIS_SENT.load(Ordering::SeqCst),
         order.name(),
@@ -272,8 +366,14 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         platform.accepts,
         platform.flushed_pages,
     );
-    let sound =
-        errors == 0 && wrong == 0 && unexpected == 0 && ve == 0 && conversions == 2 * round_trips;
+    // Loads held to one exact pattern: without them the fresh patterns
+    // prove nothing.
+    let sound = errors == 0
+        && wrong == 0
+        && unexpected == 0
+        && ve == 0
+        && stable > 0
+        && conversions == 2 * round_trips;
     match order {
         // The window was hit.
         Order::SevenSteps => sound && fixups > 0,

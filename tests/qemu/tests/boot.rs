@@ -68,6 +68,10 @@ fn boots_and_passes(cpus: u32) {
             stress("unexpected_faults") == Some(0),
         ),
         ("wrong bytes == 0", stress("wrong_bytes") == Some(0)),
+        (
+            "loads checked against one exact pattern > 0",
+            stress("stable_loads").is_some_and(|n| n > 0),
+        ),
         ("EPT-violation #VEs == 0", stress("ve") == Some(0)),
     ];
     for (what, ok) in checks {
@@ -148,4 +152,21 @@ fn legacy_order_is_refused_without_the_negative_control_feature() {
             "expected a panic refusing order=legacy, before the stress, and exit status 35",
         );
     }
+}
+
+/// Negative control of the stress's fresh patterns (issue 11, defect 5):
+/// with the pattern of one conversion left unwritten, the page the loaders
+/// read afterwards is the previous pattern, and the run fails with wrong
+/// values. Without fresh patterns per conversion nothing could tell.
+#[test]
+fn a_stale_pattern_is_caught_by_the_stress() {
+    let (run, report) = boot(2, Some("stress-rounds=2000 stress-skip-pattern=7"));
+    let wrong = report.stress.get("wrong_bytes").copied().unwrap_or(0);
+    if run.exit_code != Some(EXIT_FAIL) || wrong == 0 {
+        fail_with_log(
+            &run,
+            &format!("want wrong values and exit status 35, got wrong_bytes={wrong}"),
+        );
+    }
+    println!("stale pattern: wrong_bytes={wrong}, {:?}", report.stress);
 }

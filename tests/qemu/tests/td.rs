@@ -126,6 +126,7 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
             && stress("fixups").is_some_and(|n| n > 0)
             && stress("ve") == Some(0)
             && stress("wrong_bytes") == Some(0)
+            && stress("stable_loads").is_some_and(|n| n > 0)
             && stress("unexpected_faults") == Some(0);
         if !ok {
             fail_with_log(
@@ -281,4 +282,20 @@ fn td_a_double_fault_is_reported_not_a_loop() {
         "injected #DF reported after {:.1?}, exit {:?}",
         run.elapsed, run.exit_code
     );
+}
+
+/// The fresh-pattern negative control in a TD: MapGPA zeroed the page and
+/// the pattern of conversion 9 was left unwritten, so a load finds zeros
+/// where the pattern must be (a fixed pattern would have allowed them).
+#[test]
+fn td_a_stale_pattern_is_caught_by_the_stress() {
+    let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let (run, report) = td_boot(guest, 2, "strict", "stress-skip-pattern=9");
+    let wrong = report.stress.get("wrong_bytes").copied().unwrap_or(0);
+    if run.exit_code != Some(EXIT_FAIL) || wrong == 0 {
+        fail_with_log(
+            &run,
+            &format!("want wrong values and exit status 35, got wrong_bytes={wrong}"),
+        );
+    }
 }
