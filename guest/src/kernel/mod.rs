@@ -10,6 +10,7 @@
 
 mod bench;
 mod cacheflush;
+mod concurrent;
 mod engine;
 mod faults;
 mod memory;
@@ -303,8 +304,10 @@ extern "C" fn bsp_main() -> ! {
     let stress_ok = stress::run(online, stress_page, settings, || {
         send_ipi_to_others(WAKE_VECTOR)
     });
+    // Last: it stops conversions for good.
+    let concurrent_ok = concurrent::run(online, command_line(), || send_ipi_to_others(WAKE_VECTOR));
     report_tdx_counters();
-    let ok = report::summary() && stress_ok;
+    let ok = report::summary() && stress_ok && concurrent_ok;
     bare::exit::qemu_exit(if ok {
         bare::exit::EXIT_SUCCESS
     } else {
@@ -467,6 +470,9 @@ extern "C" fn ap_main(cpu: usize) -> ! {
         if stress::work_pending() {
             bare::cpu::enable_interrupts();
             stress::loader_loop();
+        } else if concurrent::work_pending() {
+            bare::cpu::enable_interrupts();
+            concurrent::ap_part();
         } else if tests::ap_job_pending() {
             bare::cpu::enable_interrupts();
             tests::run_ap_job();

@@ -153,7 +153,8 @@ static WRONG_BYTES: AtomicU64 = AtomicU64::new(0);
 /// VA of the page before the converted one (0 when no stress is set up).
 static FIRST_PAGE: AtomicU64 = AtomicU64::new(0);
 
-fn first_page_byte(offset: u64) -> u8 {
+/// Byte `offset` of the never-converted page the loads start in.
+pub fn first_page_byte(offset: u64) -> u8 {
     (offset % 239) as u8 ^ 0xa5
 }
 
@@ -162,7 +163,13 @@ fn first_page_byte(offset: u64) -> u8 {
 /// the private and the shared state too, and never zero, so that it cannot
 /// pass for a zero-padded byte or a freshly zeroed page.
 fn pattern_byte(offset: u64, generation: u64) -> u8 {
-    let mixed = offset.wrapping_mul(37) ^ generation.wrapping_mul(0x9e37_79b9) ^ (generation >> 7);
+    pattern_byte_salted(offset, generation, 0)
+}
+
+/// [`pattern_byte`] of one of several pages (`salt` tells them apart).
+pub fn pattern_byte_salted(offset: u64, generation: u64, salt: u64) -> u8 {
+    let g = generation.wrapping_add(salt);
+    let mixed = offset.wrapping_mul(37) ^ g.wrapping_mul(0x9e37_79b9) ^ (g >> 7);
     (mixed % 255) as u8 + 1
 }
 
@@ -196,7 +203,9 @@ fn write_pattern(page: u64, generation: u64) {
 /// the pattern in place; otherwise each byte that of a pattern of the
 /// generations involved, or zero (the #PF fixup's zero padding, or a page
 /// the conversion zeroed). `None`: too many conversions went by to say.
-fn load_is_right(value: u64, back: u64, before: u64, after: u64) -> Option<bool> {
+/// `salt`: which page's patterns ([`pattern_byte_salted`]; 0 for the
+/// stress's page).
+pub fn load_is_right(value: u64, back: u64, before: u64, after: u64, salt: u64) -> Option<bool> {
     let stable = before == after && before % 2 == 0;
     if after.wrapping_sub(before) > 2 {
         return None;
@@ -209,9 +218,9 @@ fn load_is_right(value: u64, back: u64, before: u64, after: u64) -> Option<bool>
         }
         let offset = k - back;
         if stable {
-            return byte == pattern_byte(offset, oldest);
+            return byte == pattern_byte_salted(offset, oldest, salt);
         }
-        byte == 0 || (oldest..=newest).any(|g| byte == pattern_byte(offset, g))
+        byte == 0 || (oldest..=newest).any(|g| byte == pattern_byte_salted(offset, g, salt))
     });
     Some(right)
 }
@@ -241,7 +250,7 @@ pub fn loader_loop() {
             // Seqlock read side: the load above stays before the re-read.
             core::sync::atomic::fence(Ordering::Acquire);
             let after = SEQUENCE.load(Ordering::Relaxed);
-            match load_is_right(value, back, before, after) {
+            match load_is_right(value, back, before, after, 0) {
                 Some(true) => {}
                 Some(false) => {
                     wrong += 1;

@@ -159,6 +159,58 @@ pub fn describe_exit(code: Option<i32>) -> String {
     }
 }
 
+/// Whether the `CONCURRENT` counters of a run with `cpus` CPUs show every
+/// CPU converting at once and `stop_conversions()` raced against them, as
+/// guest/src/kernel/concurrent.rs promises; `Err` says what is wrong.
+pub fn check_concurrent(report: &Report, cpus: u32) -> Result<(), String> {
+    let c = |key: &str| report.concurrent.get(key).copied();
+    if cpus < 2 {
+        return match c("skipped") {
+            Some(1) => Ok(()),
+            _ => Err(format!(
+                "one CPU: want skipped=1, got {:?}",
+                report.concurrent
+            )),
+        };
+    }
+    let participants = u64::from(cpus).min(8);
+    let checks = [
+        ("cpus", c("cpus") == Some(participants)),
+        ("all CPUs done", c("all_done") == Some(1)),
+        (
+            "conversions >= 2 per CPU",
+            c("conversions").is_some_and(|n| n >= 2 * participants),
+        ),
+        (
+            "each CPU refused once after the stop",
+            c("stopped") == Some(participants),
+        ),
+        ("no error", c("errors") == Some(0)),
+        ("no conversion after the stop", c("after_stop") == Some(0)),
+        ("nothing left non-present", c("not_present") == Some(0)),
+        (
+            "every page as its owner left it",
+            c("wrong_state_pages") == Some(0),
+        ),
+        ("wrong bytes == 0", c("wrong_bytes") == Some(0)),
+        (
+            "loads checked exactly > 0",
+            c("stable_loads").is_some_and(|n| n > 0),
+        ),
+        (
+            "fixups > 0 (the windows were hit)",
+            c("fixups").is_some_and(|n| n > 0),
+        ),
+    ];
+    match checks.iter().find(|(_, ok)| !ok) {
+        None => Ok(()),
+        Some((what, _)) => Err(format!(
+            "concurrent conversions: {what}; counters {:?}",
+            report.concurrent
+        )),
+    }
+}
+
 /// Every test the guest must report, in order.
 pub const EXPECTED_TESTS: &[&str] = &[
     "walker_on_live_tables",
@@ -472,6 +524,8 @@ pub struct Report {
     pub tests: Vec<(String, Result<(), String>)>,
     /// `STRESS` counters.
     pub stress: BTreeMap<String, u64>,
+    /// `CONCURRENT` counters (every CPU converting at once).
+    pub concurrent: BTreeMap<String, u64>,
     /// The TDX-module emulator's `TDXEMU` counters (TD runs only).
     pub tdx: BTreeMap<String, u64>,
     /// `SUMMARY passed=.. failed=..`.
@@ -495,6 +549,8 @@ pub fn parse_log(log: &str) -> Report {
             report.tests.push((name.to_string(), result));
         } else if let Some(rest) = line.strip_prefix("STRESS ") {
             parse_counters(rest, &mut report.stress);
+        } else if let Some(rest) = line.strip_prefix("CONCURRENT ") {
+            parse_counters(rest, &mut report.concurrent);
         } else if let Some(rest) = line.strip_prefix("TDXEMU ") {
             // Snapshots a TD asked for mid-run (`TDXEMU snapshot=<tag> ...`)
             // are not the run's totals.

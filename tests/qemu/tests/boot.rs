@@ -2,7 +2,8 @@
 //! run is bounded; on any failure the whole log is printed.
 
 use qemu_harness::{
-    guest_elf, judge, parse_log, run_guest, Machine, Report, Run, EXIT_FAIL, EXPECTED_TESTS,
+    check_concurrent, guest_elf, judge, parse_log, run_guest, Machine, Report, Run, EXIT_FAIL,
+    EXPECTED_TESTS,
 };
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,6 +43,10 @@ fn boots_and_passes(cpus: u32) {
     if let Err(why) = judge(run.exit_code, &report, EXPECTED_TESTS) {
         fail_with_log(&run, &why);
     }
+    if let Err(why) = check_concurrent(&report, cpus) {
+        fail_with_log(&run, &why);
+    }
+    println!("-smp {cpus} concurrent: {:?}", report.concurrent);
     let stress = |key: &str| report.stress.get(key).copied();
     if cpus == 1 {
         if stress("skipped") != Some(1) {

@@ -6,8 +6,8 @@
 //! VMM that answers MapGPA one page at a time and refuses 2M ACCEPTs.
 
 use qemu_harness::{
-    emulator_elf, guest_elf, guest_legacy_elf, judge, parse_log, run_guest, Machine, Report, Run,
-    EXIT_FAIL, EXPECTED_TESTS,
+    check_concurrent, emulator_elf, guest_elf, guest_legacy_elf, judge, parse_log, run_guest,
+    Machine, Report, Run, EXIT_FAIL, EXPECTED_TESTS,
 };
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -65,6 +65,10 @@ fn passes_as_td(cpus: u32, options: &str) -> Report {
     if !run.log.contains("running as a TD") {
         fail_with_log(&run, "the guest did not detect the TD");
     }
+    if let Err(why) = check_concurrent(&report, cpus) {
+        fail_with_log(&run, &why);
+    }
+    println!("  concurrent: {:?}", report.concurrent);
     // The guest's test ud2 went through the emulator's #UD intercept and
     // was reflected (a TDCALL is a #UD too; everything else is the guest's).
     if counter(&report, "reflected_ud") != 1 {
