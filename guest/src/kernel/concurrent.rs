@@ -214,8 +214,8 @@ pub fn run(cpus: usize, command_line: &str, wake: impl Fn()) -> bool {
     // Nothing left non-present, and each range as its owner last left it.
     let cc = engine().platform().cc_mask();
     let (mut not_present, mut wrong_state) = (0u64, 0u64);
-    for cpu in 0..participants {
-        let shared = SHARED[cpu].load(Ordering::SeqCst);
+    for (cpu, shared) in SHARED.iter().enumerate().take(participants) {
+        let shared = shared.load(Ordering::SeqCst);
         for page in 0..RANGE_PAGES {
             match engine()
                 .tables()
