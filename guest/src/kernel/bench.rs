@@ -20,10 +20,10 @@
 //! negative-control build), interleaved round by round on the same pages,
 //! so that their ratio is measured in one boot under the same conditions.
 
+use super::engine::ConversionWork;
 use super::stress::Order;
-use super::{cacheflush, engine::engine, memory, shootdown, td};
+use super::{memory, td};
 use bare::println;
-use core::sync::atomic::{AtomicU64, Ordering};
 use pagetable::VirtAddr;
 use set_memory_enc::Direction;
 
@@ -129,38 +129,6 @@ fn snapshot(tag: u32) {
     }
 }
 
-/// This kernel's counters a conversion moves.
-#[derive(Clone, Copy, Default)]
-struct Work {
-    shootdowns: u64,
-    ipis: u64,
-    map_gpa: u64,
-    accepts: u64,
-    flushed_pages: u64,
-}
-
-impl Work {
-    fn now() -> Work {
-        let load = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
-        let sent = engine().platform().tdx().map(|tdx| tdx.counters());
-        Work {
-            shootdowns: load(&shootdown::SHOOTDOWNS),
-            ipis: load(&shootdown::IPIS_SENT),
-            map_gpa: sent.map_or(0, |c| load(&c.map_gpa_calls)),
-            accepts: sent.map_or(0, |c| c.accepted.iter().map(load).sum()),
-            flushed_pages: load(&cacheflush::FLUSHED_PAGES),
-        }
-    }
-
-    fn add_since(&mut self, before: Work, after: Work) {
-        self.shootdowns += after.shootdowns - before.shootdowns;
-        self.ipis += after.ipis - before.ipis;
-        self.map_gpa += after.map_gpa - before.map_gpa;
-        self.accepts += after.accepts - before.accepts;
-        self.flushed_pages += after.flushed_pages - before.flushed_pages;
-    }
-}
-
 /// Cycles of each round, per order and direction (one benchmark at a
 /// time: the boot CPU runs it).
 static SAMPLES: spin::Mutex<[[u64; MAX_ROUNDS]; 2 * MAX_ORDERS]> =
@@ -196,7 +164,7 @@ pub fn run(cpus: usize, settings: Settings) -> bool {
     for (s, &pages) in settings.sizes().iter().enumerate() {
         let block = super::test_area().0 + s as u64 * (2 << 20);
         let va = VirtAddr(memory::DIRECT_MAP_BASE + block);
-        let mut work = [Work::default(); 2 * MAX_ORDERS];
+        let mut work = [ConversionWork::default(); 2 * MAX_ORDERS];
         for round in 0..rounds {
             for (o, order) in settings.orders().iter().enumerate() {
                 for (d, direction) in [Direction::ToShared, Direction::ToPrivate]
@@ -205,11 +173,11 @@ pub fn run(cpus: usize, settings: Settings) -> bool {
                 {
                     let phase = 2 * o + d;
                     snapshot(snapshot_tag(pages, phase as u64));
-                    let before = Work::now();
+                    let before = ConversionWork::now();
                     let t0 = bare::cpu::read_tsc_ordered();
                     let result = order.convert(va, pages, direction);
                     let t1 = bare::cpu::read_tsc_ordered();
-                    work[phase].add_since(before, Work::now());
+                    work[phase].add(ConversionWork::now().since(before));
                     samples[phase][round] = t1 - t0;
                     if let Err(e) = result {
                         // The block's state is unknown: stop, leave it be.

@@ -126,3 +126,50 @@ pub fn init(root: PhysAddr, platform: GuestPlatform) -> &'static Engine {
 pub fn engine() -> &'static Engine {
     ENGINE.get().expect("engine used before init")
 }
+
+/// What conversions cost this kernel, from its own counters: shootdowns
+/// and their IPIs, MapGPA calls, successful ACCEPTs of any size, pages step
+/// 4 flushed (the last three zero outside a TD).
+#[derive(Clone, Copy, Default)]
+pub struct ConversionWork {
+    pub shootdowns: u64,
+    pub ipis: u64,
+    pub map_gpa: u64,
+    pub accepts: u64,
+    pub flushed_pages: u64,
+}
+
+impl ConversionWork {
+    /// The counters now.
+    pub fn now() -> ConversionWork {
+        let load = |counter: &core::sync::atomic::AtomicU64| counter.load(Ordering::SeqCst);
+        let sent = engine().platform().tdx().map(|tdx| tdx.counters());
+        ConversionWork {
+            shootdowns: load(&shootdown::SHOOTDOWNS),
+            ipis: load(&shootdown::IPIS_SENT),
+            map_gpa: sent.map_or(0, |c| load(&c.map_gpa_calls)),
+            accepts: sent.map_or(0, |c| c.accepted.iter().map(load).sum()),
+            flushed_pages: load(&cacheflush::FLUSHED_PAGES),
+        }
+    }
+
+    /// What happened between `before` and `self`.
+    pub fn since(self, before: ConversionWork) -> ConversionWork {
+        ConversionWork {
+            shootdowns: self.shootdowns - before.shootdowns,
+            ipis: self.ipis - before.ipis,
+            map_gpa: self.map_gpa - before.map_gpa,
+            accepts: self.accepts - before.accepts,
+            flushed_pages: self.flushed_pages - before.flushed_pages,
+        }
+    }
+
+    /// Adds `other` to these totals.
+    pub fn add(&mut self, other: ConversionWork) {
+        self.shootdowns += other.shootdowns;
+        self.ipis += other.ipis;
+        self.map_gpa += other.map_gpa;
+        self.accepts += other.accepts;
+        self.flushed_pages += other.flushed_pages;
+    }
+}

@@ -27,7 +27,7 @@
 //! `stress-skip-pattern=<n>` leaves the pattern of conversion n unwritten:
 //! the negative control of the pattern check (wrong values, a failed run).
 
-use super::engine::engine;
+use super::engine::{engine, ConversionWork};
 use super::faults::{EPT_VIOLATION_VE, UNEXPECTED_FAULTS, VE_TAKEN};
 use super::memory::DIRECT_MAP_BASE;
 use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
@@ -311,7 +311,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     // The window is the conversions themselves: idle CPUs halting (a #VE
     // in a TD) before they join, or after they leave, are not part of it.
     let any_ve_before = VE_TAKEN.load(Ordering::SeqCst);
-    let platform_before = PlatformWork::now();
+    let platform_before = ConversionWork::now();
 
     let mut conversions = 0u64;
     let mut errors = 0u64;
@@ -354,7 +354,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     }
 
     let ve_any = VE_TAKEN.load(Ordering::SeqCst) - any_ve_before;
-    let platform = PlatformWork::now().since(platform_before);
+    let platform = ConversionWork::now().since(platform_before);
     RUNNING.store(false, Ordering::SeqCst);
     while LOADERS_ACTIVE.load(Ordering::SeqCst) > 0 {
         core::hint::spin_loop();
@@ -371,7 +371,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst),
         super::shootdown::IPIS_SENT.load(Ordering::SeqCst),
         order.name(),
-        platform.map_gpa_calls,
+        platform.map_gpa,
         platform.accepts,
         platform.flushed_pages,
     );
@@ -389,34 +389,5 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         // There is no window to hit.
         #[cfg(feature = "negative-control")]
         Order::Legacy => sound,
-    }
-}
-
-/// What the conversions asked of the platform: MapGPA calls, successful
-/// ACCEPTs (any size) and pages step 4 flushed (all zero outside a TD).
-#[derive(Clone, Copy)]
-struct PlatformWork {
-    map_gpa_calls: u64,
-    accepts: u64,
-    flushed_pages: u64,
-}
-
-impl PlatformWork {
-    fn now() -> PlatformWork {
-        let load = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
-        let sent = engine().platform().tdx().map(|tdx| tdx.counters());
-        PlatformWork {
-            map_gpa_calls: sent.map_or(0, |c| load(&c.map_gpa_calls)),
-            accepts: sent.map_or(0, |c| c.accepted.iter().map(load).sum()),
-            flushed_pages: load(&super::cacheflush::FLUSHED_PAGES),
-        }
-    }
-
-    fn since(self, before: PlatformWork) -> PlatformWork {
-        PlatformWork {
-            map_gpa_calls: self.map_gpa_calls - before.map_gpa_calls,
-            accepts: self.accepts - before.accepts,
-            flushed_pages: self.flushed_pages - before.flushed_pages,
-        }
     }
 }

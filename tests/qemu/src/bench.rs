@@ -349,22 +349,57 @@ pub fn run_linux(rounds: u32) -> Result<(crate::Run, Vec<Bench>), String> {
 pub const README_BEGIN: &str = "<!-- bench-table:begin (make bench writes this part) -->";
 pub const README_END: &str = "<!-- bench-table:end -->";
 
+/// Which of `make bench`'s runs a line comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct Series {
+    /// Linux's module, or our guest.
+    pub linux: bool,
+    pub order: &'static str,
+    pub platform: &'static str,
+    /// From the boot that interleaved both orders.
+    pub interleaved: bool,
+}
+
+impl Series {
+    pub const LINUX: Series = Series::new(true, "linux", "td", false);
+    pub const OURS_TD: Series = Series::new(false, "seven-steps", "td", false);
+    pub const TD_SEVEN_STEPS: Series = Series::new(false, "seven-steps", "td", true);
+    pub const TD_LEGACY: Series = Series::new(false, "legacy", "td", true);
+    pub const PLAIN_SEVEN_STEPS: Series = Series::new(false, "seven-steps", "plain", true);
+    pub const PLAIN_LEGACY: Series = Series::new(false, "legacy", "plain", true);
+
+    const fn new(
+        linux: bool,
+        order: &'static str,
+        platform: &'static str,
+        interleaved: bool,
+    ) -> Series {
+        Series {
+            linux,
+            order,
+            platform,
+            interleaved,
+        }
+    }
+
+    /// This series' line for `pages` and `dir`.
+    pub fn find<'a>(self, all: &'a [Bench], pages: u64, dir: &str) -> Option<&'a Bench> {
+        all.iter().find(|b| {
+            b.kernel.starts_with("linux") == self.linux
+                && b.order == self.order
+                && b.platform == self.platform
+                && b.interleaved == self.interleaved
+                && b.pages == pages
+                && b.dir == dir
+        })
+    }
+}
+
 /// The table for README.md: per size and direction, Linux's cycles and
 /// ours (the production build, a separate boot), their ratio, and the
 /// seven-steps/legacy ratio from the boot that interleaved both orders (TD
 /// and plain); then the counts per conversion.
 pub fn render_table(all: &[Bench], machine: &str) -> String {
-    let find =
-        |kernel_linux: bool, order: &str, platform: &str, interleaved: bool, pages, dir: &str| {
-            all.iter().find(|b| {
-                b.kernel.starts_with("linux") == kernel_linux
-                    && b.order == order
-                    && b.platform == platform
-                    && b.pages == pages
-                    && b.dir == dir
-                    && b.interleaved == interleaved
-            })
-        };
     let mut sizes: Vec<u64> = all.iter().map(|b| b.pages).collect();
     sizes.sort_unstable();
     sizes.dedup();
@@ -385,12 +420,12 @@ pub fn render_table(all: &[Bench], machine: &str) -> String {
     let _ = writeln!(t, "|---:|---|---:|---:|---:|---:|---:|---|---|");
     for &pages in &sizes {
         for dir in ["to-shared", "to-private"] {
-            let linux = find(true, "linux", "td", false, pages, dir);
-            let ours = find(false, "seven-steps", "td", false, pages, dir);
-            let td7 = find(false, "seven-steps", "td", true, pages, dir);
-            let tdl = find(false, "legacy", "td", true, pages, dir);
-            let pl7 = find(false, "seven-steps", "plain", true, pages, dir);
-            let pll = find(false, "legacy", "plain", true, pages, dir);
+            let linux = Series::LINUX.find(all, pages, dir);
+            let ours = Series::OURS_TD.find(all, pages, dir);
+            let td7 = Series::TD_SEVEN_STEPS.find(all, pages, dir);
+            let tdl = Series::TD_LEGACY.find(all, pages, dir);
+            let pl7 = Series::PLAIN_SEVEN_STEPS.find(all, pages, dir);
+            let pll = Series::PLAIN_LEGACY.find(all, pages, dir);
             let _ = writeln!(
                 t,
                 "| {pages} | {dir} | {} | {} | {} | {} | {} | {} | {} |",
@@ -484,6 +519,41 @@ mod tests {
         let disagree = collect(&format!("{log}{}", line("2.00")), &["seven-steps"]);
         assert!(disagree.unwrap_err().contains("the emulator"));
         assert!(collect("nothing", &["linux"]).is_err());
+    }
+
+    #[test]
+    fn the_table_has_the_ratios_of_the_right_series() {
+        let line = |kernel: &str, order: &str, interleaved: bool, cycles: u64| Bench {
+            kernel: kernel.into(),
+            order: order.into(),
+            platform: "td".into(),
+            cpus: 2,
+            pages: 64,
+            dir: "to-shared".into(),
+            cycles,
+            rounds: 1,
+            shootdowns: 1.0,
+            map_gpa: 1.0,
+            accepts: 0.0,
+            flushed_pages: None,
+            counted_by: "emulator",
+            interleaved,
+        };
+        let all = [
+            line("linux-6.12", "linux", false, 400),
+            line("ours", "seven-steps", false, 100),
+            line("ours", "seven-steps", true, 210),
+            line("ours", "legacy", true, 200),
+        ];
+        let table = render_table(&all, "a test");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| 64 | to-shared"))
+            .unwrap();
+        assert_eq!(
+            row,
+            "| 64 | to-shared | 400 | 100 | 0.25 | 1.05 | - | 1.00 / 1.00 / 0.00 | 1.00 / 1.00 / 0.00 |"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! Usage: `bench [--rounds N] [--no-readme]` (default 20 rounds, the
 //! module's default).
 
-use qemu_harness::bench::{render_table, run_linux, run_ours, with_table, Bench};
+use qemu_harness::bench::{render_table, run_linux, run_ours, with_table, Bench, Series};
 use qemu_harness::{guest_elf, guest_legacy_elf, workspace_root};
 use std::process::ExitCode;
 
@@ -74,23 +74,12 @@ fn run(rounds: u32) -> Result<Vec<Bench>, String> {
 
 /// Issue 8's goals, each with what this run measured.
 fn goals(all: &[Bench]) -> Vec<(bool, String)> {
-    let pick =
-        |linux: bool, order: &str, platform: &str, interleaved: bool, pages: u64, dir: &str| {
-            all.iter().find(|b| {
-                b.kernel.starts_with("linux") == linux
-                    && b.order == order
-                    && b.platform == platform
-                    && b.interleaved == interleaved
-                    && b.pages == pages
-                    && b.dir == dir
-            })
-        };
     let mut out = Vec::new();
     for pages in SIZES {
         for dir in ["to-shared", "to-private"] {
             if let (Some(ours), Some(linux)) = (
-                pick(false, "seven-steps", "td", false, pages, dir),
-                pick(true, "linux", "td", false, pages, dir),
+                Series::OURS_TD.find(all, pages, dir),
+                Series::LINUX.find(all, pages, dir),
             ) {
                 let r = ours.cycles as f64 / linux.cycles as f64;
                 out.push((
@@ -102,8 +91,8 @@ fn goals(all: &[Bench]) -> Vec<(bool, String)> {
     }
     for dir in ["to-shared", "to-private"] {
         if let (Some(seven), Some(legacy)) = (
-            pick(false, "seven-steps", "td", true, 64, dir),
-            pick(false, "legacy", "td", true, 64, dir),
+            Series::TD_SEVEN_STEPS.find(all, 64, dir),
+            Series::TD_LEGACY.find(all, 64, dir),
         ) {
             let r = seven.cycles as f64 / legacy.cycles as f64;
             out.push((
