@@ -198,6 +198,13 @@ pub struct Options {
     /// i.e. as #DF with the #VE info latched (0: never). Tests a guest's #DF
     /// path in a TD, which must read the info before it does port IO.
     pub double_ve_at: u64,
+    /// A hostile VMM (`mapgpa-fail-after=<k>`, 0: off): the first MapGPA of
+    /// more than k pages converts its first k, then answers INVALID_OPERAND
+    /// with no resume point, so the guest cannot know how far it got. The
+    /// whole range is then the guest's quarantine: its aliases stay unmapped
+    /// and every later access to it (a fault, a MapGPA or an ACCEPT naming
+    /// it) is counted (`quarantine_accesses`) and, as a fault, stops the TD.
+    pub map_gpa_fail_after: u64,
 }
 
 impl Default for Options {
@@ -209,6 +216,7 @@ impl Default for Options {
             refuse_large_accept: false,
             memory_mib: 1024,
             double_ve_at: 0,
+            map_gpa_fail_after: 0,
         }
     }
 }
@@ -225,6 +233,8 @@ pub enum OptionErrorKind {
     WrongStatePolicy,
     /// `inject-double-ve=` without a number from 1 on.
     DoubleVeNotANumber,
+    /// `mapgpa-fail-after=` without a page count from 1 on.
+    MapGpaFailNotANumber,
 }
 
 /// A refused option word; `Display` gives one line naming it and why.
@@ -241,7 +251,8 @@ impl fmt::Display for OptionError<'_> {
             OptionErrorKind::Unknown => write!(
                 f,
                 "unknown (known: strict, accepted, memory=<MiB>, wrong-state=ve|convert|shutdown, \
-                 mapgpa-retry-every-page, refuse-large-accept, inject-double-ve=<N>)"
+                 mapgpa-retry-every-page, refuse-large-accept, inject-double-ve=<N>, \
+                 mapgpa-fail-after=<pages>)"
             ),
             OptionErrorKind::MemoryNotANumber => {
                 write!(f, "memory= needs a size in MiB, a decimal number")
@@ -257,6 +268,12 @@ impl fmt::Display for OptionError<'_> {
             }
             OptionErrorKind::DoubleVeNotANumber => {
                 write!(f, "inject-double-ve= needs which #VE, a number from 1 on")
+            }
+            OptionErrorKind::MapGpaFailNotANumber => {
+                write!(
+                    f,
+                    "mapgpa-fail-after= needs a page count, a number from 1 on"
+                )
             }
         }
     }
@@ -285,6 +302,11 @@ impl Options {
                         return error(OptionErrorKind::MemoryOutOfRange);
                     }
                     self.memory_mib = mib;
+                } else if let Some(n) = word.strip_prefix("mapgpa-fail-after=") {
+                    match n.parse::<u64>() {
+                        Ok(n) if n >= 1 => self.map_gpa_fail_after = n,
+                        _ => return error(OptionErrorKind::MapGpaFailNotANumber),
+                    }
                 } else if let Some(n) = word.strip_prefix("inject-double-ve=") {
                     match n.parse::<u64>() {
                         Ok(n) if n >= 1 => self.double_ve_at = n,
@@ -339,6 +361,9 @@ impl fmt::Display for Options {
         if self.double_ve_at != 0 {
             write!(f, " inject-double-ve={}", self.double_ve_at)?;
         }
+        if self.map_gpa_fail_after != 0 {
+            write!(f, " mapgpa-fail-after={}", self.map_gpa_fail_after)?;
+        }
         Ok(())
     }
 }
@@ -373,6 +398,9 @@ pub struct Counters {
     /// Accesses (and ACCEPTs) through the alias that does not match the
     /// page's state, in every policy.
     pub wrong_state_accesses: AtomicU64,
+    /// Accesses to the range a hostile MapGPA left unknown
+    /// (`mapgpa-fail-after`): the guest must never touch it again.
+    pub quarantine_accesses: AtomicU64,
     /// Pages the VMM converted on a wrong-state access.
     pub implicit_conversions: AtomicU64,
     /// Shared-GPA accesses outside TD RAM (MMIO #VE).
@@ -400,6 +428,7 @@ impl Counters {
             ipis: AtomicU64::new(0),
             nested_page_faults: AtomicU64::new(0),
             wrong_state_accesses: AtomicU64::new(0),
+            quarantine_accesses: AtomicU64::new(0),
             implicit_conversions: AtomicU64::new(0),
             mmio_faults: AtomicU64::new(0),
             spurious_faults: AtomicU64::new(0),
@@ -487,6 +516,9 @@ pub enum ShutdownReason {
     AcceptOutsideRam { gpa: u64 },
     /// ACCEPT of a shared page, policy `shutdown`.
     AcceptOfShared { gpa: u64 },
+    /// An access to the range a hostile MapGPA left unknown
+    /// (`mapgpa-fail-after`), which the guest must never touch again.
+    QuarantinedAccess { gpa: u64 },
 }
 
 impl fmt::Display for ShutdownReason {
@@ -517,6 +549,11 @@ impl fmt::Display for ShutdownReason {
             ShutdownReason::AcceptOfShared { gpa } => write!(
                 f,
                 "ACCEPT of shared page {gpa:#x} (policy wrong-state=shutdown)"
+            ),
+            ShutdownReason::QuarantinedAccess { gpa } => write!(
+                f,
+                "access to {gpa:#x}, in the range a failed MapGPA left unknown (mapgpa-fail-after): \
+                 the guest must never touch it again"
             ),
         }
     }
@@ -661,6 +698,9 @@ pub struct TdModel<'a> {
     td_ctls: AtomicU64,
     /// #VEs raised so far (for `inject-double-ve`).
     ves_raised: AtomicU64,
+    /// `[start, end)` a hostile MapGPA left unknown (`mapgpa-fail-after`;
+    /// empty until it happened).
+    quarantine: [AtomicU64; 2],
     pub counters: &'a Counters,
 }
 
@@ -704,8 +744,23 @@ impl<'a> TdModel<'a> {
                 Self::ATTRIBUTES & attributes::SEPT_VE_DISABLE != 0,
             )),
             ves_raised: AtomicU64::new(0),
+            quarantine: [AtomicU64::new(0), AtomicU64::new(0)],
             counters,
         }
+    }
+
+    /// Whether `[start, end)` overlaps the range a hostile MapGPA left
+    /// unknown; counts the access if so.
+    fn touches_quarantine(&self, start: u64, end: u64) -> bool {
+        let (q_start, q_end) = (
+            self.quarantine[0].load(Ordering::SeqCst),
+            self.quarantine[1].load(Ordering::SeqCst),
+        );
+        let touches = start < q_end && q_start < end;
+        if touches {
+            Counters::bump(&self.counters.quarantine_accesses);
+        }
+        touches
     }
 
     /// TD ATTRIBUTES: SEPT_VE_DISABLE set, DEBUG clear, as QEMU's tdx-guest
@@ -848,6 +903,9 @@ impl<'a> TdModel<'a> {
         }
         let shared = gpa & self.shared_bit() != 0;
         let page = gpa & !self.shared_bit() & !(PAGE - 1);
+        if self.touches_quarantine(page, page + PAGE) {
+            return FaultEffect::Shutdown(ShutdownReason::QuarantinedAccess { gpa });
+        }
         let Some(slot) = self.slot(page) else {
             if !shared {
                 return FaultEffect::Shutdown(ShutdownReason::PrivateAccessOutsideRam { gpa });
@@ -1185,6 +1243,7 @@ impl<'a> TdModel<'a> {
             return TdcallEffect::Resume;
         }
         let end = gpa + size;
+        self.touches_quarantine(gpa, end);
         if gpa >= self.memory_bytes() {
             // The S-EPT walk fails: EPT-violation exit to the VMM, which has
             // no memslot there (KVM -> KVM_EXIT_MEMORY_FAULT -> QEMU finds no
@@ -1462,6 +1521,36 @@ impl<'a> TdModel<'a> {
         }
         if end > memory {
             // Straddles the end of RAM: QEMU's discard of the range fails.
+            return INVALID_OPERAND;
+        }
+        self.touches_quarantine(start, end);
+        let fail_after = self.options.map_gpa_fail_after;
+        if fail_after != 0
+            && size / PAGE > fail_after
+            && self.quarantine[1].load(Ordering::SeqCst) == 0
+        {
+            // Hostile: the first k pages lose both aliases (pending: in no
+            // usable state), then an error with no resume point. Every
+            // access to the range faults and is counted.
+            let stop = start + fail_after * PAGE;
+            let mut page = start;
+            while page < stop {
+                if let Some(slot) = self.slot(page) {
+                    Self::hold(slot);
+                    backing.set_mapping(page, PageState::Pending);
+                }
+                page += PAGE;
+            }
+            backing.flush_nested_tlbs();
+            let mut page = start;
+            while page < stop {
+                if let Some(slot) = self.slot(page) {
+                    Self::release(slot, PageState::Pending);
+                }
+                page += PAGE;
+            }
+            self.quarantine[0].store(start, Ordering::SeqCst);
+            self.quarantine[1].store(end, Ordering::SeqCst);
             return INVALID_OPERAND;
         }
         let stop = if self.options.map_gpa_retry_every_page {

@@ -259,8 +259,15 @@ fn option_words_set_options() {
             refuse_large_accept: true,
             memory_mib: 1536,
             double_ve_at: 0,
+            map_gpa_fail_after: 0,
         }
     );
+    o.parse_word("mapgpa-fail-after=5").unwrap();
+    assert_eq!(o.map_gpa_fail_after, 5);
+    for bad in ["mapgpa-fail-after=0", "mapgpa-fail-after=x"] {
+        assert!(Options::default().parse_word(bad).is_err(), "{bad}");
+    }
+    o.map_gpa_fail_after = 0;
     o.parse_word("accepted").unwrap();
     o.parse_word("wrong-state=shutdown").unwrap();
     o.parse_word("memory=256").unwrap();
@@ -1420,4 +1427,45 @@ fn implicit_conversions_racing_map_gpa_and_accept_keep_state_and_mappings_togeth
     });
     fake.assert_clean();
     assert!(load(&counters.implicit_conversions) > 0);
+}
+
+/// The hostile MapGPA (`mapgpa-fail-after=5`): the first call of more than
+/// 5 pages converts 5, answers INVALID_OPERAND with no resume point and
+/// leaves the range unmapped; later calls are honest; any access to the
+/// range (a MapGPA, an ACCEPT, a fault) is counted, and a fault stops the TD.
+#[test]
+fn hostile_map_gpa_fails_after_k_pages_and_counts_accesses_to_the_range() {
+    let options = Options {
+        map_gpa_fail_after: 5,
+        ..Options::default()
+    };
+    with_td(64, options, |model, fake, counters| {
+        // Small calls are honest.
+        assert_eq!(map_gpa(model, fake, 0x1000 | S, 0x1000), 0);
+        assert_eq!(
+            map_gpa(model, fake, 0x10000 | S, 0x10000),
+            vmcall_status::INVALID_OPERAND
+        );
+        for page in 0..16u64 {
+            let gpa = 0x10000 + page * 0x1000;
+            let want = if page < 5 {
+                PageState::Pending
+            } else {
+                PageState::Private
+            };
+            assert_eq!(model.state(gpa), Some(want), "{gpa:#x}");
+        }
+        assert_eq!(load(&counters.quarantine_accesses), 0);
+        // One-shot: the next large call is honest.
+        assert_eq!(map_gpa(model, fake, 0x30000 | S, 0x10000), 0);
+        assert_eq!(load(&counters.quarantine_accesses), 0);
+        // Touching the range: counted, and a fault stops the TD.
+        assert_eq!(map_gpa(model, fake, 0x1f000, 0x1000), 0);
+        assert_eq!(load(&counters.quarantine_accesses), 1);
+        assert_eq!(
+            fault(model, fake, 0x12000 | S, Access::READ),
+            FaultEffect::Shutdown(ShutdownReason::QuarantinedAccess { gpa: 0x12000 | S })
+        );
+        assert_eq!(load(&counters.quarantine_accesses), 2);
+    });
 }

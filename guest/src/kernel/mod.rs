@@ -13,6 +13,7 @@ mod cacheflush;
 mod concurrent;
 mod engine;
 mod faults;
+mod hostile;
 mod memory;
 pub mod report;
 mod shootdown;
@@ -285,6 +286,18 @@ extern "C" fn bsp_main() -> ! {
         Some(other) => panic!("unknown fault= selector {other:?}"),
     }
 
+    if let Some(kind) = command_line()
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("hostile="))
+    {
+        let ok = hostile::run(kind);
+        report_tdx_counters();
+        bare::exit::qemu_exit(if ok {
+            bare::exit::EXIT_SUCCESS
+        } else {
+            bare::exit::EXIT_FAILURE
+        })
+    }
     if let Some(settings) = bench::Settings::from_command_line(command_line()) {
         let ok = bench::run(online, settings);
         report_tdx_counters();

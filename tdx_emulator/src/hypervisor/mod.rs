@@ -587,7 +587,7 @@ pub fn print_counters_tagged(tag: Option<u32>) {
     let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
     let ve = |reason| c.ve(reason);
     let leaf = |n: usize| load(&c.tdcalls_by_leaf[n]);
-    let counters: [(&str, u64); 36] = [
+    let counters: [(&str, u64); 37] = [
         ("ve_ept_violation", ve(exit_reason::EPT_VIOLATION)),
         ("ve_io", ve(exit_reason::IO)),
         ("ve_cpuid", ve(exit_reason::CPUID)),
@@ -617,6 +617,7 @@ pub fn print_counters_tagged(tag: Option<u32>) {
         ("accept_size_mismatch", load(&c.accept_size_mismatches)),
         ("accept_busy", load(&c.accept_busy)),
         ("wrong_state", load(&c.wrong_state_accesses)),
+        ("quarantine_accesses", load(&c.quarantine_accesses)),
         ("implicit_conversions", load(&c.implicit_conversions)),
         ("mmio_faults", load(&c.mmio_faults)),
         ("spurious_faults", load(&c.spurious_faults)),

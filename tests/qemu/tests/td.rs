@@ -303,3 +303,74 @@ fn td_a_stale_pattern_is_caught_by_the_stress() {
         );
     }
 }
+
+/// A hostile VMM (issue 11): MapGPA converts 5 pages of a 16-page run and
+/// fails with no resume point. The guest gets the typed error, quarantines
+/// the whole run exactly, keeps everything around it as it was, never
+/// touches the range again (the emulator counts every access to it: zero),
+/// and goes on converting other pages.
+#[test]
+fn td_mapgpa_failing_after_k_pages_leaves_an_exact_quarantine_never_touched() {
+    let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let (run, report) = td_boot(
+        guest,
+        2,
+        "strict mapgpa-fail-after=5",
+        "hostile=mapgpa-fail-after",
+    );
+    let line = run
+        .log
+        .lines()
+        .find(|l| l.starts_with("HOSTILE kind=mapgpa-fail-after result="))
+        .unwrap_or_default();
+    let ok = run.exit_code == Some(qemu_harness::EXIT_PASS)
+        && line.contains("result=ok")
+        && line.contains("quarantine_bytes=65536")
+        && line.contains("cause=MapGpa(Status(InvalidOperand))");
+    if !ok {
+        fail_with_log(
+            &run,
+            "want the guest alive with the typed error and a 16-page quarantine",
+        );
+    }
+    for (key, want) in [
+        ("quarantine_accesses", 0),
+        ("wrong_state", 0),
+        ("ve_ept_violation", 0),
+    ] {
+        if counter(&report, key) != want {
+            fail_with_log(
+                &run,
+                &format!(
+                    "emulator counted {key}={}, want {want}",
+                    counter(&report, key)
+                ),
+            );
+        }
+    }
+    println!("{line}");
+}
+
+/// Its negative control: the guest maps a quarantined frame anew and reads
+/// it; the emulator counts the access and stops the TD.
+#[test]
+fn td_touching_the_quarantine_is_caught_by_the_emulator() {
+    let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let (run, report) = td_boot(
+        guest,
+        2,
+        "strict mapgpa-fail-after=5",
+        "hostile=mapgpa-fail-after-touch",
+    );
+    if run.exit_code != Some(EXIT_FAIL)
+        || counter(&report, "quarantine_accesses") != 1
+        || !run
+            .log
+            .contains("in the range a failed MapGPA left unknown")
+    {
+        fail_with_log(
+            &run,
+            "want the TD stopped on its access to the quarantine, counted once",
+        );
+    }
+}
