@@ -205,7 +205,38 @@ pub struct Options {
     /// and every later access to it (a fault, a MapGPA or an ACCEPT naming
     /// it) is counted (`quarantine_accesses`) and, as a fault, stops the TD.
     pub map_gpa_fail_after: u64,
+    /// A hostile VMM (`mapgpa-bad-retry=outside|unaligned|stuck`): the
+    /// first MapGPA of more than one page answers RETRY with R11 past the
+    /// range, or not page-aligned (after converting the first page), or at
+    /// the start again, every time (converting nothing). The range is then
+    /// the guest's quarantine, as with `map_gpa_fail_after`.
+    pub map_gpa_bad_retry: Option<BadRetry>,
 }
+
+/// What a hostile MapGPA's RETRY names (`mapgpa-bad-retry=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadRetry {
+    /// R11 = the end of the range: outside `[start, end)`.
+    Outside,
+    /// R11 = 8 bytes past the first page.
+    Unaligned,
+    /// R11 = the start, no progress, on every call.
+    Stuck,
+}
+
+impl BadRetry {
+    fn as_str(self) -> &'static str {
+        match self {
+            BadRetry::Outside => "outside",
+            BadRetry::Unaligned => "unaligned",
+            BadRetry::Stuck => "stuck",
+        }
+    }
+}
+
+/// How many times a stuck hostile MapGPA answers the guest's retries of the
+/// same range before they count as accesses to the quarantine.
+const STUCK_ANSWERS: u64 = 64;
 
 impl Default for Options {
     fn default() -> Self {
@@ -217,6 +248,7 @@ impl Default for Options {
             memory_mib: 1024,
             double_ve_at: 0,
             map_gpa_fail_after: 0,
+            map_gpa_bad_retry: None,
         }
     }
 }
@@ -235,6 +267,8 @@ pub enum OptionErrorKind {
     DoubleVeNotANumber,
     /// `mapgpa-fail-after=` without a page count from 1 on.
     MapGpaFailNotANumber,
+    /// `mapgpa-bad-retry=` with something else than outside, unaligned or stuck.
+    BadRetry,
 }
 
 /// A refused option word; `Display` gives one line naming it and why.
@@ -252,7 +286,7 @@ impl fmt::Display for OptionError<'_> {
                 f,
                 "unknown (known: strict, accepted, memory=<MiB>, wrong-state=ve|convert|shutdown, \
                  mapgpa-retry-every-page, refuse-large-accept, inject-double-ve=<N>, \
-                 mapgpa-fail-after=<pages>)"
+                 mapgpa-fail-after=<pages>, mapgpa-bad-retry=outside|unaligned|stuck)"
             ),
             OptionErrorKind::MemoryNotANumber => {
                 write!(f, "memory= needs a size in MiB, a decimal number")
@@ -274,6 +308,9 @@ impl fmt::Display for OptionError<'_> {
                     f,
                     "mapgpa-fail-after= needs a page count, a number from 1 on"
                 )
+            }
+            OptionErrorKind::BadRetry => {
+                write!(f, "mapgpa-bad-retry= takes outside, unaligned or stuck")
             }
         }
     }
@@ -302,6 +339,13 @@ impl Options {
                         return error(OptionErrorKind::MemoryOutOfRange);
                     }
                     self.memory_mib = mib;
+                } else if let Some(kind) = word.strip_prefix("mapgpa-bad-retry=") {
+                    self.map_gpa_bad_retry = Some(match kind {
+                        "outside" => BadRetry::Outside,
+                        "unaligned" => BadRetry::Unaligned,
+                        "stuck" => BadRetry::Stuck,
+                        _ => return error(OptionErrorKind::BadRetry),
+                    });
                 } else if let Some(n) = word.strip_prefix("mapgpa-fail-after=") {
                     match n.parse::<u64>() {
                         Ok(n) if n >= 1 => self.map_gpa_fail_after = n,
@@ -363,6 +407,9 @@ impl fmt::Display for Options {
         }
         if self.map_gpa_fail_after != 0 {
             write!(f, " mapgpa-fail-after={}", self.map_gpa_fail_after)?;
+        }
+        if let Some(kind) = self.map_gpa_bad_retry {
+            write!(f, " mapgpa-bad-retry={}", kind.as_str())?;
         }
         Ok(())
     }
@@ -701,6 +748,8 @@ pub struct TdModel<'a> {
     /// `[start, end)` a hostile MapGPA left unknown (`mapgpa-fail-after`;
     /// empty until it happened).
     quarantine: [AtomicU64; 2],
+    /// Answers a stuck hostile MapGPA gave the guest's retries.
+    stuck_answers: AtomicU64,
     pub counters: &'a Counters,
 }
 
@@ -745,6 +794,7 @@ impl<'a> TdModel<'a> {
             )),
             ves_raised: AtomicU64::new(0),
             quarantine: [AtomicU64::new(0), AtomicU64::new(0)],
+            stuck_answers: AtomicU64::new(0),
             counters,
         }
     }
@@ -761,6 +811,31 @@ impl<'a> TdModel<'a> {
             Counters::bump(&self.counters.quarantine_accesses);
         }
         touches
+    }
+
+    /// A hostile MapGPA's leftovers: `[start, converted)` lose both aliases
+    /// (pending: in no usable state), and `[start, end)` becomes the range
+    /// the guest must never touch again. Every access to it then faults
+    /// and is counted.
+    fn strand(&self, start: u64, end: u64, converted: u64, backing: &impl Backing) {
+        let mut page = start;
+        while page < converted {
+            if let Some(slot) = self.slot(page) {
+                Self::hold(slot);
+                backing.set_mapping(page, PageState::Pending);
+            }
+            page += PAGE;
+        }
+        backing.flush_nested_tlbs();
+        let mut page = start;
+        while page < converted {
+            if let Some(slot) = self.slot(page) {
+                Self::release(slot, PageState::Pending);
+            }
+            page += PAGE;
+        }
+        self.quarantine[0].store(start, Ordering::SeqCst);
+        self.quarantine[1].store(end, Ordering::SeqCst);
     }
 
     /// TD ATTRIBUTES: SEPT_VE_DISABLE set, DEBUG clear, as QEMU's tdx-guest
@@ -1523,35 +1598,41 @@ impl<'a> TdModel<'a> {
             // Straddles the end of RAM: QEMU's discard of the range fails.
             return INVALID_OPERAND;
         }
-        self.touches_quarantine(start, end);
-        let fail_after = self.options.map_gpa_fail_after;
-        if fail_after != 0
-            && size / PAGE > fail_after
-            && self.quarantine[1].load(Ordering::SeqCst) == 0
+        let encoding = if to_shared { shared_bit } else { 0 };
+        let quarantine = (
+            self.quarantine[0].load(Ordering::SeqCst),
+            self.quarantine[1].load(Ordering::SeqCst),
+        );
+        if self.options.map_gpa_bad_retry == Some(BadRetry::Stuck)
+            && quarantine == (start, end)
+            && self.stuck_answers.fetch_add(1, Ordering::SeqCst) < STUCK_ANSWERS
         {
-            // Hostile: the first k pages lose both aliases (pending: in no
-            // usable state), then an error with no resume point. Every
-            // access to the range faults and is counted.
-            let stop = start + fail_after * PAGE;
-            let mut page = start;
-            while page < stop {
-                if let Some(slot) = self.slot(page) {
-                    Self::hold(slot);
-                    backing.set_mapping(page, PageState::Pending);
-                }
-                page += PAGE;
+            // The guest's loop asking again, not an access of its own.
+            Counters::bump(&self.counters.map_gpa_retries);
+            vmm.r11 = start | encoding;
+            return RETRY;
+        }
+        self.touches_quarantine(start, end);
+        if quarantine.1 == 0 {
+            let pages = size / PAGE;
+            let fail_after = self.options.map_gpa_fail_after;
+            if fail_after != 0 && pages > fail_after {
+                // Hostile: the first k pages change, then an error with no
+                // resume point.
+                self.strand(start, end, start + fail_after * PAGE, backing);
+                return INVALID_OPERAND;
             }
-            backing.flush_nested_tlbs();
-            let mut page = start;
-            while page < stop {
-                if let Some(slot) = self.slot(page) {
-                    Self::release(slot, PageState::Pending);
-                }
-                page += PAGE;
+            if let Some(kind) = self.options.map_gpa_bad_retry.filter(|_| pages > 1) {
+                let (converted, resume) = match kind {
+                    BadRetry::Outside => (start + PAGE, end),
+                    BadRetry::Unaligned => (start + PAGE, start + PAGE + 8),
+                    BadRetry::Stuck => (start, start),
+                };
+                self.strand(start, end, converted, backing);
+                Counters::bump(&self.counters.map_gpa_retries);
+                vmm.r11 = resume | encoding;
+                return RETRY;
             }
-            self.quarantine[0].store(start, Ordering::SeqCst);
-            self.quarantine[1].store(end, Ordering::SeqCst);
-            return INVALID_OPERAND;
         }
         let stop = if self.options.map_gpa_retry_every_page {
             start + PAGE

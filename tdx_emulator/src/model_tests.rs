@@ -260,8 +260,15 @@ fn option_words_set_options() {
             memory_mib: 1536,
             double_ve_at: 0,
             map_gpa_fail_after: 0,
+            map_gpa_bad_retry: None,
         }
     );
+    o.parse_word("mapgpa-bad-retry=stuck").unwrap();
+    assert_eq!(o.map_gpa_bad_retry, Some(BadRetry::Stuck));
+    assert!(Options::default()
+        .parse_word("mapgpa-bad-retry=late")
+        .is_err());
+    o.map_gpa_bad_retry = None;
     o.parse_word("mapgpa-fail-after=5").unwrap();
     assert_eq!(o.map_gpa_fail_after, 5);
     for bad in ["mapgpa-fail-after=0", "mapgpa-fail-after=x"] {
@@ -1468,4 +1475,54 @@ fn hostile_map_gpa_fails_after_k_pages_and_counts_accesses_to_the_range() {
         );
         assert_eq!(load(&counters.quarantine_accesses), 2);
     });
+}
+
+/// The hostile RETRYs (`mapgpa-bad-retry=`): R11 past the range, unaligned,
+/// or stuck at the start (answered again while the guest retries, then
+/// counted); each leaves the range as the quarantine.
+#[test]
+fn hostile_map_gpa_retries_name_bad_resume_points() {
+    for (kind, resume) in [
+        (BadRetry::Outside, 0x20000u64),
+        (BadRetry::Unaligned, 0x11008),
+        (BadRetry::Stuck, 0x10000),
+    ] {
+        let options = Options {
+            map_gpa_bad_retry: Some(kind),
+            ..Options::default()
+        };
+        with_td(64, options, |model, fake, counters| {
+            assert_eq!(
+                map_gpa(model, fake, 0x1000 | S, 0x1000),
+                0,
+                "{kind:?}: one page is honest"
+            );
+            let mut regs = vmcall_regs(subfn::MAP_GPA, 0x10000 | S, 0x10000);
+            assert_eq!(call(model, fake, &mut regs), TdcallEffect::Resume);
+            assert_eq!(
+                (regs.r10, regs.r11),
+                (vmcall_status::RETRY, resume | S),
+                "{kind:?}"
+            );
+            let converted = if kind == BadRetry::Stuck { 0 } else { 1 };
+            for page in 0..16u64 {
+                let want = if page < converted {
+                    PageState::Pending
+                } else {
+                    PageState::Private
+                };
+                assert_eq!(model.state(0x10000 + page * 0x1000), Some(want), "{kind:?}");
+            }
+            // A stuck VMM answers the guest's retries the same way.
+            let again = map_gpa(model, fake, 0x10000 | S, 0x10000);
+            let want = if kind == BadRetry::Stuck {
+                vmcall_status::RETRY
+            } else {
+                0
+            };
+            assert_eq!(again, want, "{kind:?}");
+            let counted = u64::from(kind != BadRetry::Stuck);
+            assert_eq!(load(&counters.quarantine_accesses), counted, "{kind:?}");
+        });
+    }
 }

@@ -1,7 +1,9 @@
 //! A hostile VMM, seen from the guest (issue 11): run as a TD under the
 //! emulator's `mapgpa-fail-after=<k>` (k < 16), `hostile=mapgpa-fail-after`
 //! converts 16 pages to shared; the VMM converts k of them and answers
-//! INVALID_OPERAND with no resume point. The guest must get the typed
+//! INVALID_OPERAND with no resume point. Under `mapgpa-bad-retry=<how>`,
+//! `hostile=mapgpa-bad-retry-<how>` meets a RETRY whose R11 is past the
+//! range, unaligned, or stuck at the start. The guest must get the typed
 //! error, with the whole run quarantined (it cannot know how far the VMM
 //! got), its entries non-present, the pages around it untouched, a load
 //! across into it fixed up at the guest's own #PF (no access reaches the
@@ -28,15 +30,30 @@ const PAGES: u64 = 16;
 
 /// Runs the scenario `kind` names.
 pub fn run(kind: &str) -> bool {
-    let touch = match kind {
-        "mapgpa-fail-after" => false,
-        "mapgpa-fail-after-touch" => true,
-        other => panic!("hostile={other:?}: want mapgpa-fail-after or mapgpa-fail-after-touch"),
+    let (scenario, touch) = match kind.strip_suffix("-touch") {
+        Some(scenario) => (scenario, true),
+        None => (kind, false),
     };
     let block = super::test_area().0 + (2 << 20);
     let va = VirtAddr(DIRECT_MAP_BASE + block + 8 * PAGE_SIZE);
     let frame = PhysAddr(va.0 - DIRECT_MAP_BASE);
     let cc = engine().platform().cc_mask();
+    // What the emulator's option of the same name makes the VMM answer.
+    let shared = cc.shared_bits();
+    let expected = match scenario {
+        "mapgpa-fail-after" => MapGpaErrorKind::Status(VmcallStatus::InvalidOperand),
+        "mapgpa-bad-retry-outside" => MapGpaErrorKind::ResumeOutOfRange {
+            r11: (frame.0 + PAGES * PAGE_SIZE) | shared,
+        },
+        "mapgpa-bad-retry-unaligned" => MapGpaErrorKind::ResumeUnaligned {
+            r11: (frame.0 + PAGE_SIZE + 8) | shared,
+        },
+        "mapgpa-bad-retry-stuck" => MapGpaErrorKind::NoProgress,
+        other => panic!(
+            "hostile={other:?}: want mapgpa-fail-after or mapgpa-bad-retry-outside|unaligned|stuck \
+             (with -touch: then read the quarantine, the negative control)"
+        ),
+    };
     let mut failures = 0u32;
     let mut check = |ok: bool, what: &str| {
         if !ok {
@@ -56,8 +73,8 @@ pub fn run(kind: &str) -> bool {
         "the quarantine is the whole run (no resume point: nothing is known)",
     );
     check(
-        q.cause == TdxError::MapGpa(MapGpaErrorKind::Status(VmcallStatus::InvalidOperand)),
-        "the cause is MapGPA's INVALID_OPERAND",
+        q.cause == TdxError::MapGpa(expected),
+        "the cause is the typed error of what the VMM answered",
     );
     let present = |at: u64| {
         engine()

@@ -304,51 +304,76 @@ fn td_a_stale_pattern_is_caught_by_the_stress() {
     }
 }
 
-/// A hostile VMM (issue 11): MapGPA converts 5 pages of a 16-page run and
-/// fails with no resume point. The guest gets the typed error, quarantines
-/// the whole run exactly, keeps everything around it as it was, never
-/// touches the range again (the emulator counts every access to it: zero),
-/// and goes on converting other pages.
+/// A hostile VMM (issue 11), through each MapGPA knob of the emulator: it
+/// converts 5 pages of a 16-page run and fails with no resume point, or
+/// answers RETRY with R11 past the range, unaligned, or stuck at the start.
+/// Each time the guest gets the typed error, quarantines the whole run
+/// exactly, keeps everything around it as it was, never touches the range
+/// again (the emulator counts every access to it: zero), and goes on
+/// converting other pages.
 #[test]
-fn td_mapgpa_failing_after_k_pages_leaves_an_exact_quarantine_never_touched() {
+fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
     let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
-    let (run, report) = td_boot(
-        guest,
-        2,
-        "strict mapgpa-fail-after=5",
-        "hostile=mapgpa-fail-after",
-    );
-    let line = run
-        .log
-        .lines()
-        .find(|l| l.starts_with("HOSTILE kind=mapgpa-fail-after result="))
-        .unwrap_or_default();
-    let ok = run.exit_code == Some(qemu_harness::EXIT_PASS)
-        && line.contains("result=ok")
-        && line.contains("quarantine_bytes=65536")
-        && line.contains("cause=MapGpa(Status(InvalidOperand))");
-    if !ok {
-        fail_with_log(
-            &run,
-            "want the guest alive with the typed error and a 16-page quarantine",
-        );
-    }
-    for (key, want) in [
-        ("quarantine_accesses", 0),
-        ("wrong_state", 0),
-        ("ve_ept_violation", 0),
+    for (option, scenario, cause) in [
+        (
+            "mapgpa-fail-after=5",
+            "mapgpa-fail-after",
+            "cause=MapGpa(Status(InvalidOperand))",
+        ),
+        (
+            "mapgpa-bad-retry=outside",
+            "mapgpa-bad-retry-outside",
+            "cause=MapGpa(ResumeOutOfRange",
+        ),
+        (
+            "mapgpa-bad-retry=unaligned",
+            "mapgpa-bad-retry-unaligned",
+            "cause=MapGpa(ResumeUnaligned",
+        ),
+        (
+            "mapgpa-bad-retry=stuck",
+            "mapgpa-bad-retry-stuck",
+            "cause=MapGpa(NoProgress)",
+        ),
     ] {
-        if counter(&report, key) != want {
+        let (run, report) = td_boot(
+            guest.clone(),
+            2,
+            &format!("strict {option}"),
+            &format!("hostile={scenario}"),
+        );
+        let line = run
+            .log
+            .lines()
+            .find(|l| l.starts_with(&format!("HOSTILE kind={scenario} result=")))
+            .unwrap_or_default();
+        let ok = run.exit_code == Some(qemu_harness::EXIT_PASS)
+            && line.contains("result=ok")
+            && line.contains("quarantine_bytes=65536")
+            && line.contains(cause);
+        if !ok {
             fail_with_log(
                 &run,
-                &format!(
-                    "emulator counted {key}={}, want {want}",
-                    counter(&report, key)
-                ),
+                &format!("{option}: want the guest alive with {cause} and a 16-page quarantine"),
             );
         }
+        for (key, want) in [
+            ("quarantine_accesses", 0),
+            ("wrong_state", 0),
+            ("ve_ept_violation", 0),
+        ] {
+            if counter(&report, key) != want {
+                fail_with_log(
+                    &run,
+                    &format!(
+                        "{option}: emulator counted {key}={}, want {want}",
+                        counter(&report, key)
+                    ),
+                );
+            }
+        }
+        println!("{option}: {line}");
     }
-    println!("{line}");
 }
 
 /// Its negative control: the guest maps a quarantined frame anew and reads
