@@ -211,6 +211,34 @@ pub struct Options {
     /// the start again, every time (converting nothing). The range is then
     /// the guest's quarantine, as with `map_gpa_fail_after`.
     pub map_gpa_bad_retry: Option<BadRetry>,
+    /// A hostile VMM (`accept-fail=mismatch|error|busy`): after the first
+    /// MapGPA to private of more than 3 pages, the ACCEPT of its 4th page
+    /// answers PAGE_SIZE_MISMATCH (at 4K, where no smaller size exists),
+    /// OPERAND_INVALID, or OPERAND_BUSY every time: the VMM mapped it
+    /// wrong, or holds it forever. From that page to the run's end is the
+    /// guest's quarantine, as with `map_gpa_fail_after`.
+    pub accept_fail: Option<AcceptFail>,
+}
+
+/// How a hostile ACCEPT fails (`accept-fail=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcceptFail {
+    /// TDX_PAGE_SIZE_MISMATCH at the 4K level.
+    Mismatch,
+    /// TDX_OPERAND_INVALID.
+    Error,
+    /// TDX_OPERAND_BUSY, on every retry.
+    Busy,
+}
+
+impl AcceptFail {
+    fn as_str(self) -> &'static str {
+        match self {
+            AcceptFail::Mismatch => "mismatch",
+            AcceptFail::Error => "error",
+            AcceptFail::Busy => "busy",
+        }
+    }
 }
 
 /// What a hostile MapGPA's RETRY names (`mapgpa-bad-retry=`).
@@ -249,6 +277,7 @@ impl Default for Options {
             double_ve_at: 0,
             map_gpa_fail_after: 0,
             map_gpa_bad_retry: None,
+            accept_fail: None,
         }
     }
 }
@@ -269,6 +298,8 @@ pub enum OptionErrorKind {
     MapGpaFailNotANumber,
     /// `mapgpa-bad-retry=` with something else than outside, unaligned or stuck.
     BadRetry,
+    /// `accept-fail=` with something else than mismatch, error or busy.
+    AcceptFail,
 }
 
 /// A refused option word; `Display` gives one line naming it and why.
@@ -286,7 +317,8 @@ impl fmt::Display for OptionError<'_> {
                 f,
                 "unknown (known: strict, accepted, memory=<MiB>, wrong-state=ve|convert|shutdown, \
                  mapgpa-retry-every-page, refuse-large-accept, inject-double-ve=<N>, \
-                 mapgpa-fail-after=<pages>, mapgpa-bad-retry=outside|unaligned|stuck)"
+                 mapgpa-fail-after=<pages>, mapgpa-bad-retry=outside|unaligned|stuck, \
+                 accept-fail=mismatch|error|busy)"
             ),
             OptionErrorKind::MemoryNotANumber => {
                 write!(f, "memory= needs a size in MiB, a decimal number")
@@ -311,6 +343,9 @@ impl fmt::Display for OptionError<'_> {
             }
             OptionErrorKind::BadRetry => {
                 write!(f, "mapgpa-bad-retry= takes outside, unaligned or stuck")
+            }
+            OptionErrorKind::AcceptFail => {
+                write!(f, "accept-fail= takes mismatch, error or busy")
             }
         }
     }
@@ -339,6 +374,13 @@ impl Options {
                         return error(OptionErrorKind::MemoryOutOfRange);
                     }
                     self.memory_mib = mib;
+                } else if let Some(kind) = word.strip_prefix("accept-fail=") {
+                    self.accept_fail = Some(match kind {
+                        "mismatch" => AcceptFail::Mismatch,
+                        "error" => AcceptFail::Error,
+                        "busy" => AcceptFail::Busy,
+                        _ => return error(OptionErrorKind::AcceptFail),
+                    });
                 } else if let Some(kind) = word.strip_prefix("mapgpa-bad-retry=") {
                     self.map_gpa_bad_retry = Some(match kind {
                         "outside" => BadRetry::Outside,
@@ -410,6 +452,9 @@ impl fmt::Display for Options {
         }
         if let Some(kind) = self.map_gpa_bad_retry {
             write!(f, " mapgpa-bad-retry={}", kind.as_str())?;
+        }
+        if let Some(kind) = self.accept_fail {
+            write!(f, " accept-fail={}", kind.as_str())?;
         }
         Ok(())
     }
@@ -748,8 +793,12 @@ pub struct TdModel<'a> {
     /// `[start, end)` a hostile MapGPA left unknown (`mapgpa-fail-after`;
     /// empty until it happened).
     quarantine: [AtomicU64; 2],
-    /// Answers a stuck hostile MapGPA gave the guest's retries.
+    /// Answers a stuck hostile MapGPA gave the guest's retries (and a
+    /// hostile busy ACCEPT).
     stuck_answers: AtomicU64,
+    /// `[start, end)` whose first page's ACCEPT a hostile VMM fails
+    /// (`accept-fail`; empty until a MapGPA armed it).
+    failing_accept: [AtomicU64; 2],
     pub counters: &'a Counters,
 }
 
@@ -795,6 +844,7 @@ impl<'a> TdModel<'a> {
             ves_raised: AtomicU64::new(0),
             quarantine: [AtomicU64::new(0), AtomicU64::new(0)],
             stuck_answers: AtomicU64::new(0),
+            failing_accept: [AtomicU64::new(0), AtomicU64::new(0)],
             counters,
         }
     }
@@ -1318,6 +1368,30 @@ impl<'a> TdModel<'a> {
             return TdcallEffect::Resume;
         }
         let end = gpa + size;
+        if let Some(kind) = self.options.accept_fail {
+            let (fail_at, fail_end) = (
+                self.failing_accept[0].load(Ordering::SeqCst),
+                self.failing_accept[1].load(Ordering::SeqCst),
+            );
+            let armed = fail_end != 0 && gpa == fail_at;
+            let first_time = armed && self.quarantine[1].load(Ordering::SeqCst) == 0;
+            let busy_again = armed
+                && kind == AcceptFail::Busy
+                && self.quarantine[0].load(Ordering::SeqCst) == fail_at
+                && self.stuck_answers.fetch_add(1, Ordering::SeqCst) < STUCK_ANSWERS;
+            if first_time || busy_again {
+                // Hostile: this page's ACCEPT fails; from here to the run's
+                // end is what the guest must never touch again.
+                self.quarantine[0].store(fail_at, Ordering::SeqCst);
+                self.quarantine[1].store(fail_end, Ordering::SeqCst);
+                regs.rax = match kind {
+                    AcceptFail::Mismatch => status::TDX_PAGE_SIZE_MISMATCH | level,
+                    AcceptFail::Error => operand_invalid,
+                    AcceptFail::Busy => status::TDX_OPERAND_BUSY | status::OPERAND_ID_RCX,
+                };
+                return TdcallEffect::Resume;
+            }
+        }
         self.touches_quarantine(gpa, end);
         if gpa >= self.memory_bytes() {
             // The S-EPT walk fails: EPT-violation exit to the VMM, which has
@@ -1633,6 +1707,14 @@ impl<'a> TdModel<'a> {
                 vmm.r11 = resume | encoding;
                 return RETRY;
             }
+        }
+        if self.options.accept_fail.is_some()
+            && !to_shared
+            && size / PAGE > 3
+            && self.failing_accept[1].load(Ordering::SeqCst) == 0
+        {
+            self.failing_accept[0].store(start + 3 * PAGE, Ordering::SeqCst);
+            self.failing_accept[1].store(end, Ordering::SeqCst);
         }
         let stop = if self.options.map_gpa_retry_every_page {
             start + PAGE

@@ -261,8 +261,13 @@ fn option_words_set_options() {
             double_ve_at: 0,
             map_gpa_fail_after: 0,
             map_gpa_bad_retry: None,
+            accept_fail: None,
         }
     );
+    o.parse_word("accept-fail=busy").unwrap();
+    assert_eq!(o.accept_fail, Some(AcceptFail::Busy));
+    assert!(Options::default().parse_word("accept-fail=slow").is_err());
+    o.accept_fail = None;
     o.parse_word("mapgpa-bad-retry=stuck").unwrap();
     assert_eq!(o.map_gpa_bad_retry, Some(BadRetry::Stuck));
     assert!(Options::default()
@@ -1523,6 +1528,52 @@ fn hostile_map_gpa_retries_name_bad_resume_points() {
             assert_eq!(again, want, "{kind:?}");
             let counted = u64::from(kind != BadRetry::Stuck);
             assert_eq!(load(&counters.quarantine_accesses), counted, "{kind:?}");
+        });
+    }
+}
+
+/// The hostile ACCEPT (`accept-fail=`): after a MapGPA to private of 16
+/// pages, the 4th page's ACCEPT fails as asked (busy on every retry); the
+/// pages before it accept; the rest of the run is the quarantine, and
+/// touching it is counted.
+#[test]
+fn hostile_accept_fails_at_the_fourth_page_of_a_run() {
+    for (kind, class) in [
+        (AcceptFail::Mismatch, status::TDX_PAGE_SIZE_MISMATCH),
+        (AcceptFail::Error, status::TDX_OPERAND_INVALID),
+        (AcceptFail::Busy, status::TDX_OPERAND_BUSY),
+    ] {
+        let options = Options {
+            accept_fail: Some(kind),
+            ..Options::default()
+        };
+        with_td(64, options, |model, fake, counters| {
+            // ACCEPTs before the knob is armed (a guest's boot) change
+            // nothing of it (they once used up the busy answers).
+            for _ in 0..100 {
+                accept(model, fake, 0x30000);
+            }
+            assert_eq!(map_gpa(model, fake, 0x10000 | S, 0x10000), 0);
+            assert_eq!(map_gpa(model, fake, 0x10000, 0x10000), 0);
+            for page in 0..3u64 {
+                assert_eq!(
+                    accept(model, fake, 0x10000 + page * 0x1000).0,
+                    0,
+                    "{kind:?}"
+                );
+            }
+            let tries = if kind == AcceptFail::Busy { 20 } else { 1 };
+            for _ in 0..tries {
+                let (rax, _) = accept(model, fake, 0x13000);
+                assert_eq!(rax & 0xffff_ffff_0000_0000, class, "{kind:?}: {rax:#x}");
+            }
+            assert_eq!(load(&counters.quarantine_accesses), 0, "{kind:?}");
+            accept(model, fake, 0x14000);
+            assert_eq!(
+                load(&counters.quarantine_accesses),
+                1,
+                "{kind:?}: touching the rest counts"
+            );
         });
     }
 }

@@ -1,19 +1,29 @@
-//! A hostile VMM, seen from the guest (issue 11): run as a TD under the
-//! emulator's `mapgpa-fail-after=<k>` (k < 16), `hostile=mapgpa-fail-after`
-//! converts 16 pages to shared; the VMM converts k of them and answers
-//! INVALID_OPERAND with no resume point. Under `mapgpa-bad-retry=<how>`,
-//! `hostile=mapgpa-bad-retry-<how>` meets a RETRY whose R11 is past the
-//! range, unaligned, or stuck at the start. The guest must get the typed
-//! error, with the whole run quarantined (it cannot know how far the VMM
-//! got), its entries non-present, the pages around it untouched, a load
-//! across into it fixed up at the guest's own #PF (no access reaches the
-//! GPA: the emulator counts any as `quarantine_accesses`), the range
-//! refused from then on, and other conversions still working.
-//! `hostile=mapgpa-fail-after-touch` then maps one quarantined frame anew
-//! and reads it: the negative control, which the emulator must catch.
+//! A hostile VMM, seen from the guest (issue 11). Run as a TD under the
+//! emulator option of the same name, `hostile=<scenario>` converts 16 pages
+//! and meets the VMM's misbehaviour:
+//! - `mapgpa-fail-after` (`mapgpa-fail-after=<k>`, k < 16): going shared,
+//!   the VMM converts k pages and answers INVALID_OPERAND with no resume
+//!   point;
+//! - `mapgpa-bad-retry-outside|unaligned|stuck` (`mapgpa-bad-retry=`):
+//!   going shared, a RETRY whose R11 is past the range, unaligned, or stuck
+//!   at the start;
+//! - `accept-mismatch|error|busy` (`accept-fail=`): going private again,
+//!   the 4th page's ACCEPT answers PAGE_SIZE_MISMATCH at 4K, an error, or
+//!   OPERAND_BUSY forever.
 //!
-//! Prints `HOSTILE kind=<k> result=ok|failed ...` and returns whether every
-//! check held.
+//! The guest must get the typed error and an exact quarantine (the whole
+//! run when MapGPA fails, since the guest cannot know how far the VMM got;
+//! from the failing page on when an ACCEPT fails), its entries
+//! non-present, every other page present in the state its entry says, a
+//! load across into the quarantine fixed up at the guest's own #PF (no
+//! access reaches the GPA: the emulator counts any as
+//! `quarantine_accesses`), the range refused from then on, and other
+//! conversions still working. With `-touch` appended it then maps a
+//! quarantined frame anew and reads it: the negative control, which the
+//! emulator must catch.
+//!
+//! Prints `HOSTILE kind=<scenario> result=ok|failed ...` and returns
+//! whether every check held.
 
 use super::cacheflush::Window;
 use super::engine::engine;
@@ -23,10 +33,63 @@ use bare::println;
 use core::sync::atomic::Ordering;
 use pagetable::{PhysAddr, VirtAddr, PAGE_SIZE};
 use set_memory_enc::platform::TdxError;
-use set_memory_enc::{ConvError, Platform};
-use tdx_hypercall::{MapGpaErrorKind, VmcallStatus};
+use set_memory_enc::{ConvError, Direction, Platform};
+use tdx_hypercall::{AcceptError, MapGpaErrorKind, VmcallStatus};
 
 const PAGES: u64 = 16;
+/// The page whose ACCEPT the emulator's `accept-fail` fails.
+const FAILING_ACCEPT_PAGE: u64 = 3;
+
+/// What a scenario must end in: the direction that fails, the first
+/// quarantined page of the run, and whether a cause is the right one.
+struct Expected {
+    fails: Direction,
+    first_quarantined: u64,
+    cause: fn(&TdxError, PhysAddr, u64) -> bool,
+}
+
+fn expected(scenario: &str) -> Expected {
+    let map_gpa = |cause: fn(&TdxError, PhysAddr, u64) -> bool| Expected {
+        fails: Direction::ToShared,
+        first_quarantined: 0,
+        cause,
+    };
+    let accept = |cause: fn(&TdxError, PhysAddr, u64) -> bool| Expected {
+        fails: Direction::ToPrivate,
+        first_quarantined: FAILING_ACCEPT_PAGE,
+        cause,
+    };
+    match scenario {
+        "mapgpa-fail-after" => map_gpa(|c, _, _| {
+            *c == TdxError::MapGpa(MapGpaErrorKind::Status(VmcallStatus::InvalidOperand))
+        }),
+        "mapgpa-bad-retry-outside" => map_gpa(|c, frame, shared| {
+            *c == TdxError::MapGpa(MapGpaErrorKind::ResumeOutOfRange {
+                r11: (frame.0 + PAGES * PAGE_SIZE) | shared,
+            })
+        }),
+        "mapgpa-bad-retry-unaligned" => map_gpa(|c, frame, shared| {
+            *c == TdxError::MapGpa(MapGpaErrorKind::ResumeUnaligned {
+                r11: (frame.0 + PAGE_SIZE + 8) | shared,
+            })
+        }),
+        "mapgpa-bad-retry-stuck" => {
+            map_gpa(|c, _, _| *c == TdxError::MapGpa(MapGpaErrorKind::NoProgress))
+        }
+        "accept-mismatch" => {
+            accept(|c, _, _| matches!(c, TdxError::Accept(AcceptError::PageSizeMismatch(_))))
+        }
+        "accept-error" => accept(|c, _, _| matches!(c, TdxError::Accept(AcceptError::Other(_)))),
+        "accept-busy" => {
+            accept(|c, _, _| matches!(c, TdxError::Accept(AcceptError::OperandBusy(_))))
+        }
+        other => panic!(
+            "hostile={other:?}: want mapgpa-fail-after, mapgpa-bad-retry-outside|unaligned|stuck \
+             or accept-mismatch|error|busy (with -touch: then read the quarantine, the negative \
+             control)"
+        ),
+    }
+}
 
 /// Runs the scenario `kind` names.
 pub fn run(kind: &str) -> bool {
@@ -34,26 +97,11 @@ pub fn run(kind: &str) -> bool {
         Some(scenario) => (scenario, true),
         None => (kind, false),
     };
+    let want = expected(scenario);
     let block = super::test_area().0 + (2 << 20);
     let va = VirtAddr(DIRECT_MAP_BASE + block + 8 * PAGE_SIZE);
     let frame = PhysAddr(va.0 - DIRECT_MAP_BASE);
     let cc = engine().platform().cc_mask();
-    // What the emulator's option of the same name makes the VMM answer.
-    let shared = cc.shared_bits();
-    let expected = match scenario {
-        "mapgpa-fail-after" => MapGpaErrorKind::Status(VmcallStatus::InvalidOperand),
-        "mapgpa-bad-retry-outside" => MapGpaErrorKind::ResumeOutOfRange {
-            r11: (frame.0 + PAGES * PAGE_SIZE) | shared,
-        },
-        "mapgpa-bad-retry-unaligned" => MapGpaErrorKind::ResumeUnaligned {
-            r11: (frame.0 + PAGE_SIZE + 8) | shared,
-        },
-        "mapgpa-bad-retry-stuck" => MapGpaErrorKind::NoProgress,
-        other => panic!(
-            "hostile={other:?}: want mapgpa-fail-after or mapgpa-bad-retry-outside|unaligned|stuck \
-             (with -touch: then read the quarantine, the negative control)"
-        ),
-    };
     let mut failures = 0u32;
     let mut check = |ok: bool, what: &str| {
         if !ok {
@@ -61,46 +109,65 @@ pub fn run(kind: &str) -> bool {
             println!("HOSTILE check failed: {what}");
         }
     };
-    let q = match engine().set_memory_shared(va, PAGES) {
+    if want.fails == Direction::ToPrivate {
+        let shared = engine().set_memory_shared(va, PAGES);
+        check(
+            shared.is_ok(),
+            "the conversion to shared before the failing one",
+        );
+    }
+    let q = match engine().convert(va, PAGES, want.fails) {
         Err(ConvError::Quarantined(q)) => q,
         other => {
             println!("HOSTILE kind={kind} result=failed: want a quarantine, got {other:?}");
             return false;
         }
     };
+    let first = want.first_quarantined * PAGE_SIZE;
     check(
-        (q.va, q.gpa, q.bytes) == (va, frame, PAGES * PAGE_SIZE),
-        "the quarantine is the whole run (no resume point: nothing is known)",
+        (q.va, q.gpa, q.bytes)
+            == (
+                VirtAddr(va.0 + first),
+                PhysAddr(frame.0 + first),
+                PAGES * PAGE_SIZE - first,
+            ),
+        "the quarantine is exactly what the VMM's failure left unknown",
     );
     check(
-        q.cause == TdxError::MapGpa(expected),
+        (want.cause)(&q.cause, frame, cc.shared_bits()),
         "the cause is the typed error of what the VMM answered",
     );
-    let present = |at: u64| {
+    let state = |at: u64| {
         engine()
             .tables()
             .lookup_address(VirtAddr(at))
             .map(|l| (l.entry.is_present(), cc.is_shared(l.entry)))
     };
+    let page = |n: u64| va.0 + n * PAGE_SIZE;
     check(
-        (0..PAGES).all(|p| matches!(present(va.0 + p * PAGE_SIZE), Ok((false, _)))),
+        (want.first_quarantined..PAGES).all(|n| matches!(state(page(n)), Ok((false, _)))),
         "every quarantined entry is non-present",
     );
+    // Pages before the quarantine reached the target state (private: an
+    // ACCEPT failed after them); the pages around the run are untouched.
     check(
-        present(va.0 - PAGE_SIZE) == Ok((true, false))
-            && present(va.0 + PAGES * PAGE_SIZE) == Ok((true, false)),
-        "the pages around the quarantine are present and private",
+        (0..want.first_quarantined).all(|n| state(page(n)) == Ok((true, false))),
+        "the pages before the quarantine are present and private",
+    );
+    check(
+        state(va.0 - PAGE_SIZE) == Ok((true, false)) && state(page(PAGES)) == Ok((true, false)),
+        "the pages around the run are present and private",
     );
     let fixups = ZEROPAD_FIXUPS.load(Ordering::SeqCst);
     // SAFETY: the page before the quarantine is present and private; the
     // quarantined page after it is non-present, what the fixup is for.
-    let value = unsafe { load_unaligned_zeropad((va.0 - 4) as *const u8) };
+    let value = unsafe { load_unaligned_zeropad((q.va.0 - 4) as *const u8) };
     check(
         value >> 32 == 0 && ZEROPAD_FIXUPS.load(Ordering::SeqCst) == fixups + 1,
         "a load across into the quarantine is zero-padded by the guest's own #PF",
     );
     check(
-        engine().set_memory_private(va, 1) == Err(ConvError::NotPresent(va)),
+        engine().set_memory_shared(q.va, 1) == Err(ConvError::NotPresent(q.va)),
         "the quarantined range is refused from now on",
     );
     let other = VirtAddr(DIRECT_MAP_BASE + block + 64 * PAGE_SIZE);
@@ -111,8 +178,7 @@ pub fn run(kind: &str) -> bool {
     );
     if touch {
         println!("HOSTILE kind={kind}: now reading a quarantined frame through a new mapping");
-        let window = Window::map(super::cpu_index(), frame, false, cc);
-        if let Ok(window) = window {
+        if let Ok(window) = Window::map(super::cpu_index(), q.gpa, false, cc) {
             // SAFETY: deliberately wrong (the negative control): the frame
             // is quarantined; the emulator must stop the TD here.
             let byte = unsafe { core::ptr::read_volatile(window.address() as *const u8) };

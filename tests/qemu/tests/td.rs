@@ -304,11 +304,13 @@ fn td_a_stale_pattern_is_caught_by_the_stress() {
     }
 }
 
-/// A hostile VMM (issue 11), through each MapGPA knob of the emulator: it
-/// converts 5 pages of a 16-page run and fails with no resume point, or
-/// answers RETRY with R11 past the range, unaligned, or stuck at the start.
-/// Each time the guest gets the typed error, quarantines the whole run
-/// exactly, keeps everything around it as it was, never touches the range
+/// A hostile VMM (issue 11), through each MapGPA and ACCEPT knob of the
+/// emulator: it converts 5 pages of a 16-page run and fails with no resume
+/// point, or answers RETRY with R11 past the range, unaligned, or stuck at
+/// the start; or, going private again, the 4th page's ACCEPT fails (size
+/// mismatch at 4K, an error, OPERAND_BUSY forever). Each time the guest
+/// gets the typed error, quarantines exactly what is unknown (the whole run
+/// for MapGPA, 13 pages from the failing ACCEPT), keeps everything around it as it was, never touches the range
 /// again (the emulator counts every access to it: zero), and goes on
 /// converting other pages.
 #[test]
@@ -335,6 +337,17 @@ fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
             "mapgpa-bad-retry-stuck",
             "cause=MapGpa(NoProgress)",
         ),
+        (
+            "accept-fail=mismatch",
+            "accept-mismatch",
+            "cause=Accept(PageSizeMismatch(",
+        ),
+        ("accept-fail=error", "accept-error", "cause=Accept(Other("),
+        (
+            "accept-fail=busy",
+            "accept-busy",
+            "cause=Accept(OperandBusy(",
+        ),
     ] {
         let (run, report) = td_boot(
             guest.clone(),
@@ -347,14 +360,21 @@ fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
             .lines()
             .find(|l| l.starts_with(&format!("HOSTILE kind={scenario} result=")))
             .unwrap_or_default();
+        let bytes = if scenario.starts_with("accept") {
+            13 * 4096
+        } else {
+            16 * 4096
+        };
         let ok = run.exit_code == Some(qemu_harness::EXIT_PASS)
             && line.contains("result=ok")
-            && line.contains("quarantine_bytes=65536")
+            && line.contains(&format!("quarantine_bytes={bytes} "))
             && line.contains(cause);
         if !ok {
             fail_with_log(
                 &run,
-                &format!("{option}: want the guest alive with {cause} and a 16-page quarantine"),
+                &format!(
+                    "{option}: want the guest alive with {cause} and a {bytes}-byte quarantine"
+                ),
             );
         }
         for (key, want) in [
