@@ -154,6 +154,26 @@ impl core::fmt::Display for PerConversion {
     }
 }
 
+/// What step 3 costs on its own, to say whether a range flush would pay:
+/// the medians of a full local flush (global entries included), of one
+/// INVLPG, and of a whole shootdown (IPIs, every CPU's full flush, the
+/// wait). Printed as `BENCH-TLB cpus=N full_flush=X invlpg=Y shootdown=Z`.
+fn time_tlb_flushes(cpus: usize, samples: &mut [u64]) {
+    let mut time = |op: &dyn Fn()| {
+        for sample in samples.iter_mut() {
+            let t0 = bare::cpu::read_tsc_ordered();
+            op();
+            *sample = bare::cpu::read_tsc_ordered() - t0;
+        }
+        median(samples)
+    };
+    let page = memory::DIRECT_MAP_BASE + super::test_area().0;
+    let full = time(&bare::cpu::flush_tlb_local);
+    let one = time(&|| bare::cpu::invlpg(page));
+    let shootdown = time(&super::shootdown::flush_all_cpus);
+    println!("BENCH-TLB cpus={cpus} full_flush={full} invlpg={one} shootdown={shootdown}");
+}
+
 /// Runs the benchmark on the boot CPU with `cpus` CPUs online; returns
 /// whether every conversion succeeded. Size number s uses test-area block
 /// s, from its start.
@@ -161,6 +181,7 @@ pub fn run(cpus: usize, settings: Settings) -> bool {
     let rounds = settings.rounds;
     let platform = if td::active() { "td" } else { "plain" };
     let mut samples = SAMPLES.lock();
+    time_tlb_flushes(cpus, &mut samples[0][..rounds]);
     for (s, &pages) in settings.sizes().iter().enumerate() {
         let block = super::test_area().0 + s as u64 * (2 << 20);
         let va = VirtAddr(memory::DIRECT_MAP_BASE + block);
