@@ -551,9 +551,13 @@ pub fn parse_log(log: &str) -> Report {
             parse_counters(rest, &mut report.stress);
         } else if let Some(rest) = line.strip_prefix("CONCURRENT ") {
             parse_counters(rest, &mut report.concurrent);
-        } else if let Some(rest) = line.strip_prefix("TDXEMU ") {
+        } else if let Some(at) = line.find("TDXEMU ") {
+            // Anywhere in the line: when a crash report from one vCPU and
+            // the emulator's exit line from another reach the serial port
+            // at once, the counters can start mid-line ("#VETDXEMU ...").
             // Snapshots a TD asked for mid-run (`TDXEMU snapshot=<tag> ...`)
             // are not the run's totals.
+            let rest = &line[at + "TDXEMU ".len()..];
             if !rest.starts_with("snapshot=") {
                 parse_counters(rest, &mut report.tdx);
             }
@@ -566,9 +570,10 @@ pub fn parse_log(log: &str) -> Report {
             if let (Some(passed), Some(failed)) = (field("passed="), field("failed=")) {
                 report.summary = Some((passed, failed));
             }
-        } else if (line.starts_with("FATAL:") || line.starts_with("PANIC:"))
-            && report.crash.is_none()
-        {
+        }
+        // Not part of the chain above: a crash line that the emulator's
+        // counters ran into is still a crash.
+        if (line.starts_with("FATAL:") || line.starts_with("PANIC:")) && report.crash.is_none() {
             report.crash = Some(line.to_string());
         }
     }
@@ -644,6 +649,26 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "guest: booted\nPLAN 2\nTEST a ok\nTEST b ok\nSTRESS cpus=2 conversions=10000 fixups=5\nSUMMARY passed=2 failed=0\nTDXEMU ve_ept_violation=0 map_gpa_calls=7\n";
+
+    /// Two vCPUs' output interleaved on the serial port: the counters
+    /// still parse, and the crash is still the crash (a legacy-order TD run
+    /// once failed its check because "#VETDXEMU ..." was not read).
+    #[test]
+    fn counters_and_crash_survive_interleaved_lines() {
+        let log = "FATAL: kernel EPT-violatiemulator: TD shutdown: private-GPA access\n\
+                   #VETDXEMU ve_ept_violation=2 wrong_state=4 ipis=81\n";
+        let report = parse_log(log);
+        assert_eq!(report.tdx.get("wrong_state"), Some(&4));
+        assert_eq!(report.tdx.get("ve_ept_violation"), Some(&2));
+        assert!(report
+            .crash
+            .is_some_and(|c| c.starts_with("FATAL: kernel EPT")));
+        let snapshot = parse_log("xTDXEMU snapshot=7 wrong_state=9\n");
+        assert!(
+            snapshot.tdx.is_empty(),
+            "a snapshot is not the run's totals"
+        );
+    }
 
     #[test]
     fn counter_snapshots_are_not_the_totals() {
