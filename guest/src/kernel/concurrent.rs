@@ -19,8 +19,8 @@
 use super::engine::engine;
 use super::memory::DIRECT_MAP_BASE;
 use super::shootdown::MAX_CPUS;
-use super::stress::{first_page_byte, load_is_right, pattern_byte_salted};
-use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
+use super::stress::{self, first_page_byte, load_across};
+use bare::extable::ZEROPAD_FIXUPS;
 use bare::println;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use pagetable::{VirtAddr, PAGE_SIZE};
@@ -35,7 +35,6 @@ const SLOT_PAGES: u64 = 32;
 const FIRST_SLOT_PAGE: u64 = 256;
 /// CPUs that take part (the slots fit in the block's second half).
 const MAX_PARTICIPANTS: usize = 8;
-const PATTERN_BYTES: u64 = 64;
 const DEFAULT_ROUNDS: u64 = 200;
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
@@ -72,13 +71,7 @@ fn salt(cpu: usize) -> u64 {
 }
 
 fn write_pattern(cpu: usize, generation: u64) {
-    let page = range_of(cpu);
-    for offset in 0..PATTERN_BYTES {
-        let byte = pattern_byte_salted(offset, generation, salt(cpu));
-        // SAFETY: the range is this CPU's own test-area pages, present and
-        // used by nothing else while it is not converting them.
-        unsafe { core::ptr::write_volatile((page + offset) as *mut u8, byte) };
-    }
+    stress::write_pattern(range_of(cpu), generation, salt(cpu));
 }
 
 /// Whether an AP should join (checked by idle APs).
@@ -133,21 +126,17 @@ fn take_part(cpu: usize, stop_at: Option<u64>) {
             for other in (0..participants).filter(|&o| o != cpu) {
                 let first = range_of(other) - PAGE_SIZE;
                 for back in 1..=7u64 {
-                    let before = SEQUENCE[other].load(Ordering::Acquire);
                     // SAFETY: the page before each range is never converted
                     // and stays mapped and present; the range's first page
-                    // is what load_unaligned_zeropad is for.
-                    let value =
-                        unsafe { load_unaligned_zeropad((first + PAGE_SIZE - back) as *const u8) };
-                    core::sync::atomic::fence(Ordering::Acquire);
-                    let after = SEQUENCE[other].load(Ordering::Relaxed);
-                    if load_is_right(value, back, before, after, salt(other)) == Some(false) {
+                    // is mapped or non-present while it converts.
+                    let load = unsafe { load_across(first, back, &SEQUENCE[other], salt(other)) };
+                    if load.right == Some(false) {
                         wrong += 1;
                         if wrong <= 3 {
-                            println!("CONCURRENT CPU {cpu}: wrong value {value:#018x} at -{back} into CPU {other}'s range (sequence {before} -> {after})");
+                            println!("CONCURRENT CPU {cpu}: wrong value {:#018x} at -{back} into CPU {other}'s range (sequence {} -> {})", load.value, load.before, load.after);
                         }
                     }
-                    if before == after && before % 2 == 0 {
+                    if load.stable() {
                         stable += 1;
                     }
                     loads += 1;

@@ -290,22 +290,10 @@ extern "C" fn bsp_main() -> ! {
         .split_whitespace()
         .find_map(|arg| arg.strip_prefix("hostile="))
     {
-        let ok = hostile::run(kind);
-        report_tdx_counters();
-        bare::exit::qemu_exit(if ok {
-            bare::exit::EXIT_SUCCESS
-        } else {
-            bare::exit::EXIT_FAILURE
-        })
+        finish(hostile::run(kind));
     }
     if let Some(settings) = bench::Settings::from_command_line(command_line()) {
-        let ok = bench::run(online, settings);
-        report_tdx_counters();
-        bare::exit::qemu_exit(if ok {
-            bare::exit::EXIT_SUCCESS
-        } else {
-            bare::exit::EXIT_FAILURE
-        })
+        finish(bench::run(online, settings));
     }
     trace_one_conversion();
     report::plan(tests::TESTS.len());
@@ -319,8 +307,12 @@ extern "C" fn bsp_main() -> ! {
     });
     // Last: it stops conversions for good.
     let concurrent_ok = concurrent::run(online, command_line(), || send_ipi_to_others(WAKE_VECTOR));
+    finish(report::summary() && stress_ok && concurrent_ok)
+}
+
+/// Ends the run: the TDX counters line (in a TD), then QEMU's exit status.
+fn finish(ok: bool) -> ! {
     report_tdx_counters();
-    let ok = report::summary() && stress_ok && concurrent_ok;
     bare::exit::qemu_exit(if ok {
         bare::exit::EXIT_SUCCESS
     } else {

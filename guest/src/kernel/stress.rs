@@ -158,16 +158,12 @@ pub fn first_page_byte(offset: u64) -> u8 {
     (offset % 239) as u8 ^ 0xa5
 }
 
-/// Byte `offset` of the converted page's pattern after conversion number
-/// `generation` (0: before the first): different every conversion, so in
-/// the private and the shared state too, and never zero, so that it cannot
-/// pass for a zero-padded byte or a freshly zeroed page.
-fn pattern_byte(offset: u64, generation: u64) -> u8 {
-    pattern_byte_salted(offset, generation, 0)
-}
-
-/// [`pattern_byte`] of one of several pages (`salt` tells them apart).
-pub fn pattern_byte_salted(offset: u64, generation: u64, salt: u64) -> u8 {
+/// Byte `offset` of a converted page's pattern after conversion number
+/// `generation` (0: before the first), for the page `salt` names (0: the
+/// stress's; each concurrent range its own): different every conversion,
+/// so in the private and the shared state too, and never zero, so that it
+/// cannot pass for a zero-padded byte or a freshly zeroed page.
+fn pattern_byte(offset: u64, generation: u64, salt: u64) -> u8 {
     let g = generation.wrapping_add(salt);
     let mixed = offset.wrapping_mul(37) ^ g.wrapping_mul(0x9e37_79b9) ^ (g >> 7);
     (mixed % 255) as u8 + 1
@@ -186,14 +182,59 @@ static STABLE_LOADS: AtomicU64 = AtomicU64::new(0);
 /// loader to check exactly before it converts again.
 const STABLE_WAIT_SPINS: u32 = 1 << 16;
 
-/// Writes generation `generation`'s pattern (the page is present).
-fn write_pattern(page: u64, generation: u64) {
+/// Writes generation `generation`'s pattern of the page `salt` names
+/// ([`pattern_byte`]) into `page`, which is present and only its
+/// writer's between conversions.
+pub fn write_pattern(page: u64, generation: u64, salt: u64) {
     for offset in 0..PATTERN_BYTES {
-        // SAFETY: the converted page is a test-area page of the direct map,
-        // present between conversions, used by nothing else.
+        // SAFETY: `page` is a test-area page of the direct map (the stress's
+        // or a concurrent range's), present between conversions and written
+        // by nothing else meanwhile.
         unsafe {
-            core::ptr::write_volatile((page + offset) as *mut u8, pattern_byte(offset, generation))
+            core::ptr::write_volatile(
+                (page + offset) as *mut u8,
+                pattern_byte(offset, generation, salt),
+            )
         };
+    }
+}
+
+/// One load across into a patterned page, checked.
+pub struct CheckedLoad {
+    pub value: u64,
+    /// The page's seqlock before and after the load.
+    pub before: u64,
+    pub after: u64,
+    /// [`load_is_right`]'s verdict.
+    pub right: Option<bool>,
+}
+
+impl CheckedLoad {
+    /// No conversion ran during the load: it was held to one exact pattern.
+    pub fn stable(&self) -> bool {
+        self.before == self.after && self.before % 2 == 0
+    }
+}
+
+/// `load_unaligned_zeropad()` at `PAGE_SIZE - back` of `first`, into the
+/// page after it, whose patterns `salt` names, between two reads of its
+/// seqlock `sequence`; checked with [`load_is_right`].
+///
+/// # Safety
+/// `first` stays mapped and present; the page after it is mapped, or
+/// non-present while it converts (what the zeropad fixup is for).
+pub unsafe fn load_across(first: u64, back: u64, sequence: &AtomicU64, salt: u64) -> CheckedLoad {
+    let before = sequence.load(Ordering::Acquire);
+    // SAFETY: the caller's contract; the 8 bytes start inside `first`.
+    let value = unsafe { load_unaligned_zeropad((first + PAGE_SIZE - back) as *const u8) };
+    // Seqlock read side: the load above stays before the re-read.
+    core::sync::atomic::fence(Ordering::Acquire);
+    let after = sequence.load(Ordering::Relaxed);
+    CheckedLoad {
+        value,
+        before,
+        after,
+        right: load_is_right(value, back, before, after, salt),
     }
 }
 
@@ -203,9 +244,9 @@ fn write_pattern(page: u64, generation: u64) {
 /// the pattern in place; otherwise each byte that of a pattern of the
 /// generations involved, or zero (the #PF fixup's zero padding, or a page
 /// the conversion zeroed). `None`: too many conversions went by to say.
-/// `salt`: which page's patterns ([`pattern_byte_salted`]; 0 for the
+/// `salt`: which page's patterns ([`pattern_byte`]; 0 for the
 /// stress's page).
-pub fn load_is_right(value: u64, back: u64, before: u64, after: u64, salt: u64) -> Option<bool> {
+fn load_is_right(value: u64, back: u64, before: u64, after: u64, salt: u64) -> Option<bool> {
     let stable = before == after && before % 2 == 0;
     if after.wrapping_sub(before) > 2 {
         return None;
@@ -218,9 +259,9 @@ pub fn load_is_right(value: u64, back: u64, before: u64, after: u64, salt: u64) 
         }
         let offset = k - back;
         if stable {
-            return byte == pattern_byte_salted(offset, oldest, salt);
+            return byte == pattern_byte(offset, oldest, salt);
         }
-        byte == 0 || (oldest..=newest).any(|g| byte == pattern_byte_salted(offset, g, salt))
+        byte == 0 || (oldest..=newest).any(|g| byte == pattern_byte(offset, g, salt))
     });
     Some(right)
 }
@@ -241,26 +282,19 @@ pub fn loader_loop() {
     let mut wrong = 0u64;
     while RUNNING.load(Ordering::Relaxed) {
         for back in 1..=7u64 {
-            let address = first + PAGE_SIZE - back;
-            let before = SEQUENCE.load(Ordering::Acquire);
             // SAFETY: the first page stays mapped and present for the whole
-            // stress; the next one is the page under conversion, which is
-            // exactly what load_unaligned_zeropad is for.
-            let value = unsafe { load_unaligned_zeropad(address as *const u8) };
-            // Seqlock read side: the load above stays before the re-read.
-            core::sync::atomic::fence(Ordering::Acquire);
-            let after = SEQUENCE.load(Ordering::Relaxed);
-            match load_is_right(value, back, before, after, 0) {
-                Some(true) => {}
-                Some(false) => {
-                    wrong += 1;
-                    if wrong <= 3 {
-                        println!("STRESS wrong value at -{back}: {value:#018x} (sequence {before} -> {after})");
-                    }
+            // stress; the next one is the page under conversion.
+            let load = unsafe { load_across(first, back, &SEQUENCE, 0) };
+            if load.right == Some(false) {
+                wrong += 1;
+                if wrong <= 3 {
+                    println!(
+                        "STRESS wrong value at -{back}: {:#018x} (sequence {} -> {})",
+                        load.value, load.before, load.after
+                    );
                 }
-                None => {}
             }
-            if before == after && before % 2 == 0 {
+            if load.stable() {
                 STABLE_LOADS.fetch_add(1, Ordering::Relaxed);
             }
             loads += 1;
@@ -294,7 +328,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         }
     }
     SEQUENCE.store(0, Ordering::SeqCst);
-    write_pattern(converted, 0);
+    write_pattern(converted, 0, 0);
     let stable_before = STABLE_LOADS.load(Ordering::SeqCst);
     let fixups_before = ZEROPAD_FIXUPS.load(Ordering::SeqCst);
     let faults_before = UNEXPECTED_FAULTS.load(Ordering::SeqCst);
@@ -338,7 +372,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
                 }
             }
             if skip_pattern != Some(conversions) {
-                write_pattern(converted, generation);
+                write_pattern(converted, generation, 0);
             }
             SEQUENCE.fetch_add(1, Ordering::SeqCst);
             // Back to back, conversions would leave no load a stable
