@@ -8,7 +8,7 @@
 //! calls, ACCEPTs) come from the emulator for both kernels; on a plain
 //! machine from the guest's own counters.
 
-use crate::module::fields_after;
+use crate::module::{fields_after, snapshot_sequence};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -18,22 +18,6 @@ pub const END_PHASE: u64 = 9;
 /// The snapshot tag before a call in `phase` (or after the last, [`END_PHASE`]).
 pub const fn bench_tag(pages: u64, phase: u64) -> u64 {
     1_000_000 + 10 * pages + phase
-}
-
-/// Every `TDXEMU snapshot=<tag> ...` line, in log order.
-pub fn snapshot_sequence(log: &str) -> Vec<(u64, BTreeMap<String, u64>)> {
-    log.lines()
-        .filter_map(|line| {
-            let at = line.find("TDXEMU snapshot=")?;
-            let mut words = line[at + "TDXEMU ".len()..].split_whitespace();
-            let tag = words.next()?.strip_prefix("snapshot=")?.parse().ok()?;
-            let counters = words
-                .filter_map(|w| w.split_once('='))
-                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-                .collect();
-            Some((tag, counters))
-        })
-        .collect()
 }
 
 /// Per phase: how many calls, and the emulator's counters summed over them.

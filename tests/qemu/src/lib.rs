@@ -580,7 +580,8 @@ pub fn parse_log(log: &str) -> Report {
     report
 }
 
-fn parse_counters(text: &str, into: &mut BTreeMap<String, u64>) {
+/// `key=value` words with a number as value, into `into`.
+pub(crate) fn parse_counters(text: &str, into: &mut BTreeMap<String, u64>) {
     for pair in text.split_whitespace() {
         if let Some((key, value)) = pair.split_once('=') {
             if let Ok(value) = value.parse() {

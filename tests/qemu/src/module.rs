@@ -44,29 +44,24 @@ pub fn fields_after<'a>(line: &'a str, first: &str) -> Option<BTreeMap<&'a str, 
     )
 }
 
+/// Every `TDXEMU snapshot=<tag> ...` line's tag and counters, in log order.
+pub fn snapshot_sequence(log: &str) -> Vec<(u64, BTreeMap<String, u64>)> {
+    log.lines()
+        .filter_map(|line| {
+            let at = line.find("TDXEMU snapshot=")?;
+            let rest = &line[at + "TDXEMU snapshot=".len()..];
+            let (tag, counters) = rest.split_once(' ').unwrap_or((rest, ""));
+            let mut map = BTreeMap::new();
+            crate::parse_counters(counters, &mut map);
+            Some((tag.parse().ok()?, map))
+        })
+        .collect()
+}
+
 /// Every `TDXEMU snapshot=<tag> ...` line's counters, by tag (the last line
 /// of a tag wins).
 pub fn snapshots(log: &str) -> BTreeMap<u64, BTreeMap<String, u64>> {
-    let mut out = BTreeMap::new();
-    for line in log.lines() {
-        let Some(at) = line.find("TDXEMU snapshot=") else {
-            continue;
-        };
-        let mut words = line[at + "TDXEMU ".len()..].split_whitespace();
-        let Some(tag) = words
-            .next()
-            .and_then(|w| w.strip_prefix("snapshot="))
-            .and_then(|t| t.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let counters = words
-            .filter_map(|w| w.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse::<u64>().ok()?)))
-            .collect();
-        out.insert(tag, counters);
-    }
-    out
+    snapshot_sequence(log).into_iter().collect()
 }
 
 /// Counter differences `after - before` between two snapshots.

@@ -105,18 +105,9 @@ fn boot(kernel: PathBuf, initramfs: PathBuf, options: &str, cpus: u32, cmdline: 
     run
 }
 
-/// The last counters line without a tag (the emulator's exit line).
+/// The emulator's exit line's counters (not a snapshot's).
 fn final_counters(serial: &str) -> Option<BTreeMap<String, u64>> {
-    serial
-        .lines()
-        .filter_map(|l| l.split_once("TDXEMU ").map(|(_, rest)| rest))
-        .rfind(|rest| !rest.starts_with("snapshot="))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|w| w.split_once('='))
-                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-                .collect()
-        })
+    Some(qemu_harness::parse_log(serial).tdx).filter(|counters| !counters.is_empty())
 }
 
 /// Linux's crash reports in the serial log (not our lines, not QEMU's).
