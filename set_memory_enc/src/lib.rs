@@ -363,7 +363,7 @@ where
         let mut spans = Spans::default();
         self.for_each_leaf(range, |leaf| {
             stats.leaves += 1;
-            spans.extend(leaf);
+            spans.add(LeafSpan::of(leaf), |last, _| last.extend(leaf));
             self.update(leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
         })?;
 
@@ -545,10 +545,19 @@ where
             if gpa == 0 && flags == 0 {
                 return Err(ConvError::ZeroWhenNotPresent(VirtAddr(first)));
             }
-            runs.extend(
-                VirtAddr(first),
-                PhysAddr(gpa),
-                leaf.end().min(range.end) - first,
+            runs.add(
+                GpaRun {
+                    va: VirtAddr(first),
+                    gpa: PhysAddr(gpa),
+                    bytes: leaf.end().min(range.end) - first,
+                },
+                |last, next| {
+                    let contiguous = last.gpa_end() == next.gpa;
+                    if contiguous {
+                        last.bytes += next.bytes;
+                    }
+                    contiguous
+                },
             );
             Ok(())
         })?;
@@ -632,8 +641,8 @@ where
         runs: &Runs,
         mut visit: impl FnMut(&GpaRun) -> Result<(), ConvError<P::Error>>,
     ) -> Result<(), ConvError<P::Error>> {
-        if let Some(kept) = runs.all() {
-            return kept.iter().try_for_each(visit);
+        if let Some(mut kept) = runs.all() {
+            return kept.try_for_each(visit);
         }
         let cc = self.tables.cc_mask();
         let mut current: Option<GpaRun> = None;
@@ -756,99 +765,62 @@ fn walk_error<E>(error: WalkError) -> ConvError<E> {
     }
 }
 
-/// The GPA runs of one conversion, kept from the validation's walk while
-/// there are at most [`RUNS_KEPT`] (almost always one: a direct-map range
-/// is physically contiguous).
+/// What one walk of a conversion found, kept for later steps while it fits
+/// in `N` items (almost always one: a direct-map range is physically
+/// contiguous and inside one table); beyond that the later steps walk again.
 #[derive(Clone, Copy)]
-struct Runs {
-    kept: [GpaRun; RUNS_KEPT],
+struct Kept<T: Copy, const N: usize> {
+    items: [Option<T>; N],
     len: usize,
-    /// More runs than `kept` holds: they are found again by a walk.
+    /// More than `N` items: none of them is used.
     overflowed: bool,
 }
 
-/// Runs a conversion keeps without walking for them again.
-const RUNS_KEPT: usize = 8;
-
-impl Default for Runs {
-    fn default() -> Runs {
-        let empty = GpaRun {
-            va: VirtAddr(0),
-            gpa: PhysAddr(0),
-            bytes: 0,
-        };
-        Runs {
-            kept: [empty; RUNS_KEPT],
+impl<T: Copy, const N: usize> Default for Kept<T, N> {
+    fn default() -> Self {
+        Kept {
+            items: [None; N],
             len: 0,
             overflowed: false,
         }
     }
 }
 
-impl Runs {
-    /// Adds `bytes` at `va` -> `gpa`, right after what was added before.
-    fn extend(&mut self, va: VirtAddr, gpa: PhysAddr, bytes: u64) {
+impl<T: Copy, const N: usize> Kept<T, N> {
+    /// Adds `item` after what was added before: folded into the last item
+    /// when `merge` does so (and says so), else kept as a new one.
+    fn add(&mut self, item: T, merge: impl FnOnce(&mut T, &T) -> bool) {
         if self.overflowed {
             return;
         }
-        if let Some(last) = self.len.checked_sub(1).map(|i| &mut self.kept[i]) {
-            if last.gpa_end() == gpa {
-                last.bytes += bytes;
+        if let Some(Some(last)) = self.len.checked_sub(1).map(|i| &mut self.items[i]) {
+            if merge(last, &item) {
                 return;
             }
         }
-        match self.kept.get_mut(self.len) {
+        match self.items.get_mut(self.len) {
             Some(slot) => {
-                *slot = GpaRun { va, gpa, bytes };
+                *slot = Some(item);
                 self.len += 1;
             }
             None => self.overflowed = true,
         }
     }
 
-    /// Every run, unless there were too many to keep.
-    fn all(&self) -> Option<&[GpaRun]> {
-        (!self.overflowed).then(|| &self.kept[..self.len])
+    /// Every item, unless there were too many to keep.
+    fn all(&self) -> Option<impl Iterator<Item = &T>> {
+        (!self.overflowed).then(|| self.items[..self.len].iter().flatten())
     }
 }
 
-/// Where the leaf entries of one conversion are, kept from step 2's walk
-/// while they fill at most [`SPANS_KEPT`] runs of consecutive entries (a
-/// range inside one 2M block of 4K leaves is one span).
-#[derive(Clone, Copy, Default)]
-struct Spans {
-    kept: [Option<LeafSpan>; SPANS_KEPT],
-    len: usize,
-    /// More spans than `kept` holds: the leaves are walked again.
-    overflowed: bool,
-}
+/// The GPA runs of one conversion, from the validation's walk (steps 1, 4
+/// and 6 use them).
+type Runs = Kept<GpaRun, 8>;
 
-/// Spans a conversion keeps.
-const SPANS_KEPT: usize = 8;
-
-impl Spans {
-    fn extend(&mut self, leaf: &Leaf) {
-        if self.overflowed {
-            return;
-        }
-        if let Some(Some(last)) = self.len.checked_sub(1).map(|i| &mut self.kept[i]) {
-            if last.extend(leaf) {
-                return;
-            }
-        }
-        match self.kept.get_mut(self.len) {
-            Some(slot) => {
-                *slot = Some(LeafSpan::of(leaf));
-                self.len += 1;
-            }
-            None => self.overflowed = true,
-        }
-    }
-
-    fn all(&self) -> Option<impl Iterator<Item = &LeafSpan>> {
-        (!self.overflowed).then(|| self.kept[..self.len].iter().flatten())
-    }
-}
+/// Where the leaf entries of one conversion are, from step 2's walk (steps
+/// 5 and 7 write there): a range inside one 2M block of 4K leaves is one
+/// span.
+type Spans = Kept<LeafSpan, 8>;
 
 /// Frames set aside for the splits of one conversion (at most two splits at
 /// each end: 1G -> 2M -> 4K).
