@@ -1380,7 +1380,12 @@ impl<'a> TdModel<'a> {
                 && self.quarantine[0].load(Ordering::SeqCst) == fail_at
                 && self.stuck_answers.fetch_add(1, Ordering::SeqCst) < STUCK_ANSWERS;
             if first_time || busy_again {
-                // Hostile: this page's ACCEPT fails; from here to the run's
+                // Hostile: this page's ACCEPT fails with a completion code
+                // the module defines for it (TDX module ABI,
+                // tdg_mem_page_accept.c: SIZE_MISMATCH at the walk's level,
+                // OPERAND_INVALID, OPERAND_BUSY on the RCX operand), as a VMM
+                // that mapped the page wrong or holds its S-EPT entry can
+                // cause; from here to the run's
                 // end is what the guest must never touch again.
                 self.quarantine[0].store(fail_at, Ordering::SeqCst);
                 self.quarantine[1].store(fail_end, Ordering::SeqCst);
@@ -1692,11 +1697,15 @@ impl<'a> TdModel<'a> {
             let fail_after = self.options.map_gpa_fail_after;
             if fail_after != 0 && pages > fail_after {
                 // Hostile: the first k pages change, then an error with no
-                // resume point.
+                // resume point (GHCI: INVALID_OPERAND; only RETRY carries
+                // R11, KVM tdx.c `tdx_map_gpa`).
                 self.strand(start, end, start + fail_after * PAGE, backing);
                 return INVALID_OPERAND;
             }
             if let Some(kind) = self.options.map_gpa_bad_retry.filter(|_| pages > 1) {
+                // RETRY with R11 = the GPA to resume from, in R12's encoding
+                // (GHCI; KVM tdx.c `tdx_map_gpa`), but a resume point a
+                // guest must refuse.
                 let (converted, resume) = match kind {
                     BadRetry::Outside => (start + PAGE, end),
                     BadRetry::Unaligned => (start + PAGE, start + PAGE + 8),
