@@ -649,17 +649,24 @@ fn quarantine_of(result: Result<ConvStats, ConvError<TdxError>>) -> Quarantine<T
     }
 }
 
-#[test]
-fn map_gpa_failure_mid_range_quarantines_exactly_the_unknown_pages() {
+/// A TD whose MapGPA converts 2 pages per call and fails at CHUNK_A + 5
+/// pages: converting VMAP's 8 pages of CHUNK_A then 8 of CHUNK_B, pages 0..4
+/// are known shared.
+fn world_with_map_gpa_failing_mid_first_run() -> (Arc<FakeTdxModule>, World<Tdx<Arc<FakeTdxModule>>>)
+{
     let fake = tdx_fake();
-    // 8 pages of CHUNK_A then 8 of CHUNK_B. MapGPA converts 2 pages per call
-    // and fails at CHUNK_A + 5 pages: pages 0..4 are known shared.
     fake.retry_every(2 * PAGE_SIZE);
     fake.fail_map_at(
         Gpa(CHUNK_A + 5 * PAGE_SIZE),
         VmcallStatus::InvalidOperand.raw(),
     );
     let w = world(tdx_platform(&fake));
+    (fake, w)
+}
+
+#[test]
+fn map_gpa_failure_mid_range_quarantines_exactly_the_unknown_pages() {
+    let (fake, w) = world_with_map_gpa_failing_mid_first_run();
     let q = quarantine_of(w.engine.set_memory_shared(VirtAddr(VMAP), 16));
     assert_eq!(q.va, VirtAddr(VMAP + 4 * PAGE_SIZE));
     assert_eq!(q.gpa, PhysAddr(CHUNK_A + 4 * PAGE_SIZE));
@@ -896,13 +903,7 @@ fn operation_counts_per_conversion_are_regression_guards() {
 /// restoring stopped; everything from there on stays non-present.
 #[test]
 fn a_failed_restore_after_a_hypervisor_failure_keeps_the_quarantine() {
-    let fake = tdx_fake();
-    fake.retry_every(2 * PAGE_SIZE);
-    fake.fail_map_at(
-        Gpa(CHUNK_A + 5 * PAGE_SIZE),
-        VmcallStatus::InvalidOperand.raw(),
-    );
-    let w = world(tdx_platform(&fake));
+    let (_fake, w) = world_with_map_gpa_failing_mid_first_run();
     let mem = w.mem;
     let (cc, root) = (w.engine.tables().cc_mask(), w.engine.tables().root());
     let pulled = VirtAddr(VMAP + 12 * PAGE_SIZE);
