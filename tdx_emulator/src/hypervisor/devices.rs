@@ -56,6 +56,12 @@ pub fn port_io(port: u16, size: u8, write: bool, value: u32) -> Option<u32> {
         return None;
     }
     if COM1.contains(&port) {
+        // One writer at a time with the emulator's own lines (bare::serial's
+        // lock, which every println! holds for its whole line): when a TD
+        // crashes on one vCPU while the emulator stops it on another, the
+        // emulator's counters line stays whole instead of interleaving
+        // byte by byte with the TD's report.
+        let _console = bare::serial::SERIAL.lock();
         // SAFETY: COM1 is the one device the TD drives directly; the
         // emulator's console shares it on purpose.
         return unsafe { super::port_io(port, size, write, value) };
