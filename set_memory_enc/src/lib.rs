@@ -347,7 +347,7 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, direction)?;
+        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, Some(direction))?;
         let cc = self.tables.cc_mask();
         let trace = |step| self.machine.on_step(step, direction, va, pages);
 
@@ -400,6 +400,42 @@ where
         }
     }
 
+    /// Takes `pages` pages at `va` out of service for good, telling the
+    /// hypervisor nothing: steps 1 to 3, after which the entries stay
+    /// non-present. For memory the platform reports lost behind the
+    /// kernel's back (TDX: an EPT-violation #VE on a private GPA, the VMM
+    /// took the page; SEV-SNP: #VC 0x404, the hypervisor unvalidated it):
+    /// its contents are gone and its state is the hypervisor's choice, so it
+    /// is quarantined as a failed conversion's leftovers are, with `cause`
+    /// saying why. The pages may be in either state; a large leaf the range
+    /// covers partly is split first.
+    pub fn retire(
+        &self,
+        va: VirtAddr,
+        pages: u64,
+        cause: P::Error,
+    ) -> Result<Quarantine<P::Error>, ConvError<P::Error>> {
+        let (range, _reservation, _stats, runs) = self.prepare(va, pages, None)?;
+        self.for_each_run(range, &runs, |run| {
+            self.machine.remove_aliases(run);
+            Ok(())
+        })?;
+        let cc = self.tables.cc_mask();
+        let mut gpa = None;
+        self.for_each_leaf(range, |leaf| {
+            // The walk visits the leaf at `va` first (split to start there).
+            gpa.get_or_insert_with(|| cc.leaf_frame(leaf.entry, leaf.level).0 + (va.0 - leaf.va.0));
+            self.update(leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
+        })?;
+        self.machine.flush_tlb_all();
+        Ok(Quarantine {
+            va,
+            gpa: PhysAddr(gpa.unwrap_or_default()),
+            bytes: range.end - range.start,
+            cause,
+        })
+    }
+
     /// The legacy order, kept only as a negative control for tests: flip the
     /// C/S bit in the live entries, flush TLBs (and caches, where the
     /// platform needs it, as Linux does: so that a cost comparison measures
@@ -412,7 +448,7 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, direction)?;
+        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, Some(direction))?;
         let cc = self.tables.cc_mask();
         self.for_each_leaf(range, |leaf| {
             stats.leaves += 1;
@@ -439,7 +475,7 @@ where
         &self,
         va: VirtAddr,
         pages: u64,
-        direction: Direction,
+        direction: Option<Direction>,
     ) -> Result<(Range, inflight::Reservation<'_>, ConvStats, Runs), ConvError<P::Error>> {
         let range = self.check_arguments(va, pages)?;
         let reservation = self.reserve(range)?;
@@ -512,12 +548,13 @@ where
             })
     }
 
-    /// Every page mapped, present, and in the source state; on the way, the
-    /// GPA runs, so that steps 1, 4 and 6 need no walk of their own.
+    /// Every page mapped, present, and in the source state of `direction`
+    /// (either state for `None`); on the way, the GPA runs, so that steps 1,
+    /// 4 and 6 need no walk of their own.
     fn check_source_state(
         &self,
         range: Range,
-        direction: Direction,
+        direction: Option<Direction>,
     ) -> Result<Runs, ConvError<P::Error>> {
         let cc = self.tables.cc_mask();
         let mut runs = Runs::default();
@@ -527,8 +564,9 @@ where
                 return Err(ConvError::NotPresent(VirtAddr(first)));
             }
             let already = match direction {
-                Direction::ToShared => cc.is_shared(leaf.entry),
-                Direction::ToPrivate => !cc.is_shared(leaf.entry),
+                Some(Direction::ToShared) => cc.is_shared(leaf.entry),
+                Some(Direction::ToPrivate) => !cc.is_shared(leaf.entry),
+                None => false,
             };
             if already {
                 return Err(ConvError::AlreadyInTargetState(VirtAddr(first)));

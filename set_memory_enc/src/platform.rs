@@ -66,6 +66,11 @@ pub enum TdxError {
     MapGpa(MapGpaErrorKind),
     /// TDG.MEM.PAGE.ACCEPT failed.
     Accept(AcceptError),
+    /// Not a notification's failure: the VMM took a private page away
+    /// behind the TD's back (a private-GPA access met a pending page, which
+    /// the TDX module reports as an EPT-violation #VE only while SEPT #VE is
+    /// enabled). The kernel passes it to [`crate::Converter::retire`].
+    PrivatePageLost(Gpa),
 }
 
 impl<T: TdCall> Tdx<T> {

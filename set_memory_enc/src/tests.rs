@@ -940,3 +940,105 @@ fn a_failed_restore_after_a_hypervisor_failure_keeps_the_quarantine() {
         .unwrap();
     assert!(!after.entry.is_present(), "not restored after the stop");
 }
+
+/// A page the VMM took away is retired: steps 1 to 3 only, the hypervisor
+/// hears nothing, the entry stays non-present with its frame and C/S bit,
+/// the neighbours (even inside the 2M leaf split for it) keep their state,
+/// and the page is refused from then on. Bad input changes nothing.
+#[test]
+fn a_lost_page_is_retired_without_telling_the_hypervisor() {
+    let fake = tdx_fake();
+    let w = world(tdx_platform(&fake));
+    let cc = w.engine.tables().cc_mask();
+    // Pages 0..8 of VMAP shared, 8..16 private: retire takes either state.
+    w.engine.set_memory_shared(VirtAddr(VMAP), 8).unwrap();
+    let calls = fake.calls().len();
+    w.log.clear();
+    let lost = TdxError::PrivatePageLost(Gpa(CHUNK_A + 7 * PAGE_SIZE));
+    let q = w
+        .engine
+        .retire(VirtAddr(VMAP + 7 * PAGE_SIZE), 2, lost)
+        .unwrap();
+    assert_eq!(
+        (q.va, q.gpa, q.bytes, q.cause),
+        (
+            VirtAddr(VMAP + 7 * PAGE_SIZE),
+            PhysAddr(CHUNK_A + 7 * PAGE_SIZE),
+            2 * PAGE_SIZE,
+            lost
+        )
+    );
+    assert_eq!(fake.calls().len(), calls, "no TDCALL for a retired page");
+    let events = w.log.events();
+    assert!(matches!(events[..], [.., Event::FlushTlb]), "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::RemoveAliases(_)))
+            .count(),
+        2,
+        "both GPA runs lose their aliases"
+    );
+    assert!(!events.iter().any(|e| matches!(e, Event::Notify(..))));
+    assert_eq!(state(&w, VMAP + 7 * PAGE_SIZE, PAGE_SIZE), (false, true));
+    assert_eq!(state(&w, VMAP + 8 * PAGE_SIZE, PAGE_SIZE), (false, false));
+    assert_eq!(state(&w, VMAP, 7 * PAGE_SIZE), (true, true));
+    assert_eq!(
+        state(&w, VMAP + 9 * PAGE_SIZE, 7 * PAGE_SIZE),
+        (true, false)
+    );
+    let leaf = w
+        .engine
+        .tables()
+        .lookup_address(VirtAddr(VMAP + 8 * PAGE_SIZE))
+        .unwrap();
+    assert_eq!(cc.leaf_frame(leaf.entry, leaf.level), PhysAddr(CHUNK_B));
+    for retired in [VMAP + 7 * PAGE_SIZE, VMAP + 8 * PAGE_SIZE] {
+        assert_eq!(
+            w.engine.set_memory_private(VirtAddr(retired), 1),
+            Err(ConvError::NotPresent(VirtAddr(retired)))
+        );
+        assert_eq!(
+            w.engine.retire(VirtAddr(retired), 1, lost),
+            Err(ConvError::NotPresent(VirtAddr(retired)))
+        );
+    }
+    // One page inside a 2M leaf: split, the rest of the block stays.
+    let q = w
+        .engine
+        .retire(VirtAddr(DMAP + MIB2 + 5 * PAGE_SIZE), 1, lost)
+        .unwrap();
+    assert_eq!(
+        (q.gpa, q.bytes),
+        (PhysAddr(MIB2 + 5 * PAGE_SIZE), PAGE_SIZE)
+    );
+    assert_eq!(
+        state(&w, DMAP + MIB2 + 5 * PAGE_SIZE, PAGE_SIZE),
+        (false, false)
+    );
+    assert_eq!(state(&w, DMAP + MIB2, 5 * PAGE_SIZE), (true, false));
+    assert_eq!(
+        state(&w, DMAP + MIB2 + 6 * PAGE_SIZE, MIB2 - 6 * PAGE_SIZE),
+        (true, false)
+    );
+    // Bad input: a typed error, nothing changed.
+    let before = leaves(&w, VMAP, 16 * PAGE_SIZE);
+    assert_eq!(
+        w.engine.retire(VirtAddr(VMAP + 1), 1, lost),
+        Err(ConvError::Unaligned(VirtAddr(VMAP + 1)))
+    );
+    assert_eq!(
+        w.engine.retire(VirtAddr(VMAP), 0, lost),
+        Err(ConvError::ZeroLength)
+    );
+    assert_eq!(
+        w.engine.retire(VirtAddr(VMAP), 16, lost),
+        Err(ConvError::NotPresent(VirtAddr(VMAP + 7 * PAGE_SIZE)))
+    );
+    assert_eq!(leaves(&w, VMAP, 16 * PAGE_SIZE), before);
+    w.engine.stop_conversions();
+    assert_eq!(
+        w.engine.retire(VirtAddr(VMAP), 1, lost),
+        Err(ConvError::Stopped)
+    );
+}

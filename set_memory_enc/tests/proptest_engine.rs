@@ -1537,6 +1537,8 @@ impl TdxFault {
                         _ => false,
                     }
             }
+            // Only the kernel reports it, through retire(); never a conversion.
+            TdxError::PrivatePageLost(_) => false,
         }
     }
 }

@@ -218,6 +218,22 @@ pub struct Options {
     /// wrong, or holds it forever. From that page to the run's end is the
     /// guest's quarantine, as with `map_gpa_fail_after`.
     pub accept_fail: Option<AcceptFail>,
+    /// TD ATTRIBUTES without SEPT_VE_DISABLE (`sept-ve`): TDG.VP.INFO and
+    /// TDG.VM.RD report bit 28 clear, TD_CTLS.PENDING_VE_DISABLE starts
+    /// clear, and a private access to a pending page raises an
+    /// EPT-violation #VE instead of exiting to the VMM (module
+    /// `td_ept_violation.c`). Linux refuses to run so unless DEBUG is set.
+    pub sept_ve: bool,
+    /// A hostile VMM (`implicit-convert`): after the first MapGPA to
+    /// private of more than 3 pages, once the guest has accepted the run's
+    /// last page, the VMM converts the run's 4th page on its own, behind
+    /// the guest's back (TDH.MEM.PAGE.REMOVE then AUG, as KVM does when
+    /// QEMU flips a page's attributes twice): pending, contents gone. The
+    /// guest's next private access to it is its only news of that: with
+    /// `sept-ve` an EPT-violation #VE, else KVM kills the TD. From that
+    /// access on the page is the guest's quarantine, as with
+    /// `map_gpa_fail_after`.
+    pub implicit_convert: bool,
 }
 
 /// How a hostile ACCEPT fails (`accept-fail=`).
@@ -266,6 +282,9 @@ impl BadRetry {
 /// same range before they count as accesses to the quarantine.
 const STUCK_ANSWERS: u64 = 64;
 
+/// No page (`TdModel::taken` before a hostile VMM took one).
+const NO_PAGE: u64 = u64::MAX;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -278,6 +297,8 @@ impl Default for Options {
             map_gpa_fail_after: 0,
             map_gpa_bad_retry: None,
             accept_fail: None,
+            sept_ve: false,
+            implicit_convert: false,
         }
     }
 }
@@ -318,7 +339,7 @@ impl fmt::Display for OptionError<'_> {
                 "unknown (known: strict, accepted, memory=<MiB>, wrong-state=ve|convert|shutdown, \
                  mapgpa-retry-every-page, refuse-large-accept, inject-double-ve=<N>, \
                  mapgpa-fail-after=<pages>, mapgpa-bad-retry=outside|unaligned|stuck, \
-                 accept-fail=mismatch|error|busy)"
+                 accept-fail=mismatch|error|busy, sept-ve, implicit-convert)"
             ),
             OptionErrorKind::MemoryNotANumber => {
                 write!(f, "memory= needs a size in MiB, a decimal number")
@@ -365,6 +386,8 @@ impl Options {
             "accepted" => self.pending_ram = false,
             "mapgpa-retry-every-page" => self.map_gpa_retry_every_page = true,
             "refuse-large-accept" => self.refuse_large_accept = true,
+            "sept-ve" => self.sept_ve = true,
+            "implicit-convert" => self.implicit_convert = true,
             _ => {
                 if let Some(mib) = word.strip_prefix("memory=") {
                     let Ok(mib) = mib.parse::<u32>() else {
@@ -455,6 +478,12 @@ impl fmt::Display for Options {
         }
         if let Some(kind) = self.accept_fail {
             write!(f, " accept-fail={}", kind.as_str())?;
+        }
+        if self.sept_ve {
+            f.write_str(" sept-ve")?;
+        }
+        if self.implicit_convert {
+            f.write_str(" implicit-convert")?;
         }
         Ok(())
     }
@@ -608,8 +637,9 @@ pub enum ShutdownReason {
     AcceptOutsideRam { gpa: u64 },
     /// ACCEPT of a shared page, policy `shutdown`.
     AcceptOfShared { gpa: u64 },
-    /// An access to the range a hostile MapGPA left unknown
-    /// (`mapgpa-fail-after`), which the guest must never touch again.
+    /// An access to the range a hostile VMM left unknown (a failed MapGPA
+    /// or ACCEPT, a page taken behind the guest's back), which the guest
+    /// must never touch again.
     QuarantinedAccess { gpa: u64 },
 }
 
@@ -644,8 +674,9 @@ impl fmt::Display for ShutdownReason {
             ),
             ShutdownReason::QuarantinedAccess { gpa } => write!(
                 f,
-                "access to {gpa:#x}, in the range a failed MapGPA left unknown (mapgpa-fail-after): \
-                 the guest must never touch it again"
+                "access to {gpa:#x}, in the range a hostile VMM left unknown (mapgpa-fail-after, \
+                 mapgpa-bad-retry, accept-fail, implicit-convert): the guest must never touch it \
+                 again"
             ),
         }
     }
@@ -797,8 +828,12 @@ pub struct TdModel<'a> {
     /// hostile busy ACCEPT).
     stuck_answers: AtomicU64,
     /// `[start, end)` whose first page's ACCEPT a hostile VMM fails
-    /// (`accept-fail`; empty until a MapGPA armed it).
+    /// (`accept-fail`), or takes away once the run's last page is accepted
+    /// (`implicit-convert`); empty until a MapGPA armed it.
     failing_accept: [AtomicU64; 2],
+    /// The page a hostile VMM converted behind the guest's back
+    /// (`implicit-convert`; [`NO_PAGE`] until then).
+    taken: AtomicU64,
     pub counters: &'a Counters,
 }
 
@@ -839,12 +874,13 @@ impl<'a> TdModel<'a> {
             options,
             notify_enables: AtomicU64::new(0),
             td_ctls: AtomicU64::new(u64::from(
-                Self::ATTRIBUTES & attributes::SEPT_VE_DISABLE != 0,
+                Self::attributes_for(options) & attributes::SEPT_VE_DISABLE != 0,
             )),
             ves_raised: AtomicU64::new(0),
             quarantine: [AtomicU64::new(0), AtomicU64::new(0)],
             stuck_answers: AtomicU64::new(0),
             failing_accept: [AtomicU64::new(0), AtomicU64::new(0)],
+            taken: AtomicU64::new(NO_PAGE),
             counters,
         }
     }
@@ -891,8 +927,25 @@ impl<'a> TdModel<'a> {
     /// TD ATTRIBUTES: SEPT_VE_DISABLE set, DEBUG clear, as QEMU's tdx-guest
     /// object sets by default (QEMU `tdx_guest_init`: `attributes =
     /// TDX_TD_ATTRIBUTES_SEPT_VE_DISABLE`); Linux 6.12 tdx_early_init panics
-    /// without it in a non-debug TD.
-    pub const ATTRIBUTES: u64 = attributes::SEPT_VE_DISABLE;
+    /// without it in a non-debug TD. With `sept-ve`, nothing set (QEMU's
+    /// `sept-ve-disable=off`).
+    pub fn attributes(&self) -> u64 {
+        Self::attributes_for(self.options)
+    }
+
+    fn attributes_for(options: Options) -> u64 {
+        if options.sept_ve {
+            0
+        } else {
+            attributes::SEPT_VE_DISABLE
+        }
+    }
+
+    /// TD_CTLS.PENDING_VE_DISABLE (bit 0): whether a private access to a
+    /// pending page exits to the VMM rather than raising #VE.
+    fn pending_ve_disabled(&self) -> bool {
+        self.td_ctls.load(Ordering::SeqCst) & 1 != 0
+    }
 
     pub fn options(&self) -> Options {
         self.options
@@ -1054,6 +1107,15 @@ impl<'a> TdModel<'a> {
             Counters::bump(&self.counters.spurious_faults);
             return FaultEffect::Retry;
         }
+        if !shared && state == PageState::Pending && page == self.taken.load(Ordering::SeqCst) {
+            // The page a hostile VMM took (`implicit-convert`): the guest's
+            // entry says private, as the guest left it, so this is no
+            // wrong-state access of the guest's. It is the guest's only news
+            // of the loss; from here on the page is its quarantine.
+            self.quarantine[0].store(page, Ordering::SeqCst);
+            self.quarantine[1].store(page + PAGE, Ordering::SeqCst);
+            return self.pending_access(vcpu, gpa, gla, access);
+        }
         Counters::bump(&self.counters.wrong_state_accesses);
         let policy = self.options.wrong_state;
         if shared {
@@ -1072,12 +1134,7 @@ impl<'a> TdModel<'a> {
                 }
             }
         } else if state == PageState::Pending {
-            // `td_ept_violation.c`: a pending page with TD_CTLS.
-            // PENDING_VE_DISABLE (= SEPT_VE_DISABLE) exits to the VMM with
-            // EEQ PENDING_EPT_VIOLATION; KVM tdx.c
-            // `tdx_is_sept_violation_unexpected_pending` -> "Guest access
-            // before accepting", kvm_vm_dead. Every policy.
-            FaultEffect::Shutdown(ShutdownReason::PrivateAccessToPending { gpa })
+            self.pending_access(vcpu, gpa, gla, access)
         } else {
             // Private GPA, shared page: no private S-EPT mapping, so the
             // module exits to the VMM (SEPT_VE_DISABLE: no #VE in any policy).
@@ -1092,6 +1149,26 @@ impl<'a> TdModel<'a> {
                     FaultEffect::Shutdown(ShutdownReason::PrivateAccessToShared { gpa })
                 }
             }
+        }
+    }
+
+    /// A private-GPA access to a pending page (`td_ept_violation.c`): with
+    /// TD_CTLS.PENDING_VE_DISABLE clear the module raises an EPT-violation
+    /// #VE; set (= SEPT_VE_DISABLE, always for Linux), it exits to the VMM
+    /// with EEQ PENDING_EPT_VIOLATION, and KVM tdx.c
+    /// `tdx_is_sept_violation_unexpected_pending` says "Guest access before
+    /// accepting" and kills the TD. Every policy.
+    fn pending_access(
+        &self,
+        vcpu: &mut VcpuState,
+        gpa: u64,
+        gla: u64,
+        access: Access,
+    ) -> FaultEffect {
+        if self.pending_ve_disabled() {
+            FaultEffect::Shutdown(ShutdownReason::PrivateAccessToPending { gpa })
+        } else {
+            self.ept_violation_ve(vcpu, gpa, gla, access)
         }
     }
 
@@ -1194,7 +1271,7 @@ impl<'a> TdModel<'a> {
         regs.rax = status::TDX_SUCCESS;
         // MAX_PA_FOR_GPAW (52) or MAX_PA_FOR_GPA_NOT_WIDE (48).
         regs.rcx = u64::from(self.gpaw);
-        regs.rdx = Self::ATTRIBUTES;
+        regs.rdx = self.attributes();
         // td_num_of_vcpus_t: NUM_VCPUS [31:0], MAX_VCPUS [63:32].
         regs.r8 = u64::from(self.vcpus) | (u64::from(self.vcpus) << 32);
         regs.r9 = u64::from(vcpu.index);
@@ -1234,7 +1311,7 @@ impl<'a> TdModel<'a> {
         };
         let field = match (class, code) {
             (0x10, 0x01) => ro(u64::from(self.vcpus), 0xffff_ffff),
-            (0x11, 0x00) => ro(Self::ATTRIBUTES, u64::MAX),
+            (0x11, 0x00) => ro(self.attributes(), u64::MAX),
             (0x11, 0x02) => ro(u64::from(self.vcpus), 0xffff_ffff),
             // TDCS GPAW execution control: set for GPAW 52.
             (0x11, 0x03) => ro(u64::from(self.gpaw == 52), 0xff),
@@ -1447,6 +1524,7 @@ impl<'a> TdModel<'a> {
             }
             Counters::bump(&self.counters.accepts[level as usize]);
             regs.rax = status::TDX_SUCCESS;
+            self.take_page_if_armed(end, backing);
             return TdcallEffect::Resume;
         }
         if private == pages {
@@ -1481,6 +1559,39 @@ impl<'a> TdModel<'a> {
         Counters::bump(&self.counters.accept_size_mismatches);
         regs.rax = status::TDX_PAGE_SIZE_MISMATCH | level;
         TdcallEffect::Resume
+    }
+
+    /// `implicit-convert`: once the ACCEPT ending at `accepted_end` has
+    /// finished the armed run, the VMM converts the run's first armed page
+    /// behind the guest's back: the private page is removed (its contents
+    /// gone) and a fresh one AUGed, pending, as KVM does when QEMU converts
+    /// a page to shared and back (`kvm_convert_memory`; KVM tdx.c
+    /// `tdx_sept_remove_private_spte`, then `tdx_mem_page_aug`). The guest
+    /// was told nothing.
+    fn take_page_if_armed(&self, accepted_end: u64, backing: &impl Backing) {
+        let (page, end) = (
+            self.failing_accept[0].load(Ordering::SeqCst),
+            self.failing_accept[1].load(Ordering::SeqCst),
+        );
+        if !self.options.implicit_convert
+            || end == 0
+            || accepted_end != end
+            || self
+                .taken
+                .compare_exchange(NO_PAGE, page, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        let Some(slot) = self.slot(page) else {
+            return;
+        };
+        Self::hold(slot);
+        backing.set_mapping(page, PageState::Pending);
+        backing.flush_nested_tlbs();
+        backing.zero_page(page);
+        Self::release(slot, PageState::Pending);
+        Counters::bump(&self.counters.implicit_conversions);
     }
 
     /// Releases the held pages of `[start, end)` unchanged.
@@ -1717,7 +1828,7 @@ impl<'a> TdModel<'a> {
                 return RETRY;
             }
         }
-        if self.options.accept_fail.is_some()
+        if (self.options.accept_fail.is_some() || self.options.implicit_convert)
             && !to_shared
             && size / PAGE > 3
             && self.failing_accept[1].load(Ordering::SeqCst) == 0

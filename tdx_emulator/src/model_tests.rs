@@ -247,6 +247,8 @@ fn option_words_set_options() {
         "wrong-state=ve",
         "mapgpa-retry-every-page",
         "refuse-large-accept",
+        "sept-ve",
+        "implicit-convert",
     ] {
         o.parse_word(word).unwrap();
     }
@@ -262,6 +264,8 @@ fn option_words_set_options() {
             map_gpa_fail_after: 0,
             map_gpa_bad_retry: None,
             accept_fail: None,
+            sept_ve: true,
+            implicit_convert: true,
         }
     );
     o.parse_word("accept-fail=busy").unwrap();
@@ -1574,6 +1578,82 @@ fn hostile_accept_fails_at_the_fourth_page_of_a_run() {
                 1,
                 "{kind:?}: touching the rest counts"
             );
+        });
+    }
+}
+
+#[test]
+fn sept_ve_reports_attributes_without_it_and_raises_ve_for_a_pending_page() {
+    let options = Options {
+        sept_ve: true,
+        ..Options::default()
+    };
+    with_td(16, options, |model, fake, counters| {
+        let info = tdx_hypercall::vp_info(&ModelCall { model, fake }).unwrap();
+        assert_eq!(info.attributes & (1 << 28), 0, "SEPT_VE_DISABLE clear");
+        assert_eq!(vm_rd(model, fake, field::ATTRIBUTES), (0, 0));
+        // tdh_mng_init.c: PENDING_VE_DISABLE starts as SEPT_VE_DISABLE.
+        assert_eq!(vm_rd(model, fake, field::TD_CTLS), (0, 0));
+        model.initialise(0x4000, 0x5000, PageState::Pending, fake);
+        assert_eq!(
+            fault(model, fake, 0x4000, Access::READ),
+            FaultEffect::VirtualizationException
+        );
+        assert_eq!(load(&counters.ve_by_reason[48]), 1);
+        assert_eq!(load(&counters.wrong_state_accesses), 1);
+        assert_eq!(model.state(0x4000), Some(PageState::Pending));
+    });
+    assert!(
+        !Options::default().to_string().contains("sept-ve"),
+        "off by default"
+    );
+}
+
+/// `implicit-convert`: the 4th page of the first run going private is taken
+/// once its last page is accepted; the guest's first access to it is its
+/// news (#VE with `sept-ve`, else the TD dies, as under KVM) and not its
+/// wrong-state access; every later access counts as touching the quarantine.
+#[test]
+fn hostile_vmm_takes_a_page_behind_the_guests_back() {
+    for sept_ve in [true, false] {
+        let options = Options {
+            implicit_convert: true,
+            sept_ve,
+            ..Options::default()
+        };
+        with_td(64, options, |model, fake, counters| {
+            assert_eq!(map_gpa(model, fake, 0x10000 | S, 0x10000), 0);
+            assert_eq!(map_gpa(model, fake, 0x10000, 0x10000), 0);
+            for page in 0..15u64 {
+                assert_eq!(accept(model, fake, 0x10000 + page * 0x1000).0, 0);
+            }
+            assert_eq!(model.state(0x13000), Some(PageState::Private), "not yet");
+            assert_eq!(accept(model, fake, 0x1f000).0, 0);
+            assert_eq!(model.state(0x13000), Some(PageState::Pending), "taken");
+            assert_eq!(load(&counters.implicit_conversions), 1);
+            let news = fault(model, fake, 0x13000, Access::READ);
+            if sept_ve {
+                assert_eq!(news, FaultEffect::VirtualizationException);
+            } else {
+                assert_eq!(
+                    news,
+                    FaultEffect::Shutdown(ShutdownReason::PrivateAccessToPending { gpa: 0x13000 })
+                );
+            }
+            assert_eq!(load(&counters.wrong_state_accesses), 0);
+            assert_eq!(load(&counters.quarantine_accesses), 0);
+            assert_eq!(
+                fault(model, fake, 0x13008, Access::READ),
+                FaultEffect::Shutdown(ShutdownReason::QuarantinedAccess { gpa: 0x13008 })
+            );
+            assert_eq!(load(&counters.quarantine_accesses), 1);
+            // Taken once: the next run going private keeps its pages.
+            assert_eq!(map_gpa(model, fake, 0x20000 | S, 0x10000), 0);
+            assert_eq!(map_gpa(model, fake, 0x20000, 0x10000), 0);
+            for page in 0..16u64 {
+                assert_eq!(accept(model, fake, 0x20000 + page * 0x1000).0, 0);
+            }
+            assert_eq!(model.state(0x23000), Some(PageState::Private));
         });
     }
 }

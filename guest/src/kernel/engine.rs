@@ -122,6 +122,11 @@ pub fn init(root: PhysAddr, platform: GuestPlatform) -> &'static Engine {
     })
 }
 
+/// The engine, if `init` ran (for fault handlers, which may run before).
+pub fn try_engine() -> Option<&'static Engine> {
+    ENGINE.get()
+}
+
 /// The engine (after `init`).
 pub fn engine() -> &'static Engine {
     ENGINE.get().expect("engine used before init")

@@ -12,10 +12,20 @@
 //! once, never fixed up: the page's state is then unknown, and on real TDX a
 //! private access to a shared page ends the TD anyway. So the legacy-order
 //! negative control ends at its first #VE, which the emulator counts.
+//!
+//! One exception, still counted: an EPT-violation #VE on a private GPA. The
+//! TDX module raises it only for a pending page and only while SEPT #VE is
+//! enabled (TD ATTRIBUTES without SEPT_VE_DISABLE): a page this kernel
+//! accepted and the VMM then took away. Its contents are gone, and
+//! accepting it again would hide that behind a page of zeros, so it is
+//! recorded ([`LOST_PAGES`], [`LAST_LOST_GPA`]) for its owner to retire
+//! (`Converter::retire`), and a load that may fault (load_unaligned_zeropad)
+//! ends as it would at an unmapped page. Any other access to it is fatal.
 
 use bare::idt::{self, vector, Frame};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use set_memory_enc::Platform;
 use tdx_hypercall::ve::{emulate_instruction, VeError, VeRegs};
 use tdx_hypercall::{veinfo_get, VeInfo};
 
@@ -25,6 +35,10 @@ pub static UNEXPECTED_FAULTS: AtomicU64 = AtomicU64::new(0);
 /// EPT-violation #VEs taken, all CPUs (each is fatal: at most one per run,
 /// unless CPUs take them at the same time).
 pub static EPT_VIOLATION_VE: AtomicU64 = AtomicU64::new(0);
+/// Private pages found taken away by the VMM, all CPUs (each an
+/// EPT-violation #VE on a private GPA), and the GPA of the last one.
+pub static LOST_PAGES: AtomicU64 = AtomicU64::new(0);
+pub static LAST_LOST_GPA: AtomicU64 = AtomicU64::new(0);
 /// Every #VE taken, all CPUs and exit reasons (the stress reports how many
 /// arrived while it ran: in a TD it must be none).
 pub static VE_TAKEN: AtomicU64 = AtomicU64::new(0);
@@ -123,8 +137,28 @@ fn virtualization_exception(frame: &mut Frame) {
     }
 }
 
-fn ept_violation(frame: &Frame, ve: &VeInfo) -> ! {
+fn ept_violation(frame: &mut Frame, ve: &VeInfo) {
     EPT_VIOLATION_VE.fetch_add(1, Ordering::SeqCst);
+    let gpa = ve.guest_physical_address;
+    let cc = super::engine::try_engine().map(|e| e.platform().cc_mask());
+    if cc.is_some_and(|cc| cc.shared_bits() != 0 && gpa & cc.shared_bits() == 0) {
+        LAST_LOST_GPA.store(gpa & !(pagetable::PAGE_SIZE - 1), Ordering::SeqCst);
+        LOST_PAGES.fetch_add(1, Ordering::SeqCst);
+        // The GLA of a load that crossed into the page is the page's start.
+        if bare::extable::fixup_page_fault(frame, ve.guest_linear_address) {
+            return;
+        }
+        fatal(
+            "EPT-violation #VE",
+            frame,
+            None,
+            Some(format_args!(
+                "private GPA {gpa:#x} (linear {:#x}) is pending: the VMM took a page this kernel \
+                 had accepted, and its contents are lost",
+                ve.guest_linear_address
+            )),
+        );
+    }
     fatal(
         "EPT-violation #VE",
         frame,

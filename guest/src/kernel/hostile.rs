@@ -9,11 +9,16 @@
 //!   at the start;
 //! - `accept-mismatch|error|busy` (`accept-fail=`): going private again,
 //!   the 4th page's ACCEPT answers PAGE_SIZE_MISMATCH at 4K, an error, or
-//!   OPERAND_BUSY forever.
+//!   OPERAND_BUSY forever;
+//! - `implicit` (`sept-ve implicit-convert`): going private again succeeds,
+//!   then the VMM takes the 4th page behind the guest's back (pending,
+//!   contents gone); the guest learns it from the EPT-violation #VE of a
+//!   load crossing into it, and retires the page (`Converter::retire`).
 //!
 //! The guest must get the typed error and an exact quarantine (the whole
 //! run when MapGPA fails, since the guest cannot know how far the VMM got;
-//! from the failing page on when an ACCEPT fails), its entries
+//! from the failing page on when an ACCEPT fails; the taken page alone),
+//! its entries
 //! non-present, every other page present in the state its entry says, a
 //! load across into the quarantine fixed up at the guest's own #PF (no
 //! access reaches the GPA: the emulator counts any as
@@ -27,24 +32,28 @@
 
 use super::cacheflush::Window;
 use super::engine::engine;
+use super::faults::{LAST_LOST_GPA, LOST_PAGES};
 use super::memory::DIRECT_MAP_BASE;
 use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
 use bare::println;
 use core::sync::atomic::Ordering;
 use pagetable::{PhysAddr, VirtAddr, PAGE_SIZE};
 use set_memory_enc::platform::TdxError;
-use set_memory_enc::{ConvError, Direction, Platform};
-use tdx_hypercall::{AcceptError, MapGpaErrorKind, VmcallStatus};
+use set_memory_enc::{ConvError, Direction, Platform, Quarantine};
+use tdx_hypercall::{AcceptError, Gpa, MapGpaErrorKind, VmcallStatus};
 
 const PAGES: u64 = 16;
-/// The page whose ACCEPT the emulator's `accept-fail` fails.
+/// The page whose ACCEPT the emulator's `accept-fail` fails, and which its
+/// `implicit-convert` takes.
 const FAILING_ACCEPT_PAGE: u64 = 3;
 
-/// What a scenario must end in: the direction that fails, the first
-/// quarantined page of the run, and whether a cause is the right one.
+/// What a scenario must end in: the direction that fails (or, for a page
+/// taken behind the guest's back, is the last one to succeed), the
+/// quarantined pages of the run, and whether a cause is the right one.
 struct Expected {
     fails: Direction,
     first_quarantined: u64,
+    quarantined: u64,
     cause: fn(&TdxError, PhysAddr, u64) -> bool,
 }
 
@@ -52,11 +61,13 @@ fn expected(scenario: &str) -> Expected {
     let map_gpa = |cause: fn(&TdxError, PhysAddr, u64) -> bool| Expected {
         fails: Direction::ToShared,
         first_quarantined: 0,
+        quarantined: PAGES,
         cause,
     };
     let accept = |cause: fn(&TdxError, PhysAddr, u64) -> bool| Expected {
         fails: Direction::ToPrivate,
         first_quarantined: FAILING_ACCEPT_PAGE,
+        quarantined: PAGES - FAILING_ACCEPT_PAGE,
         cause,
     };
     match scenario {
@@ -83,11 +94,57 @@ fn expected(scenario: &str) -> Expected {
         "accept-busy" => {
             accept(|c, _, _| matches!(c, TdxError::Accept(AcceptError::OperandBusy(_))))
         }
+        "implicit" => Expected {
+            quarantined: 1,
+            ..accept(|c, frame, _| {
+                *c == TdxError::PrivatePageLost(Gpa(frame.0 + FAILING_ACCEPT_PAGE * PAGE_SIZE))
+            })
+        },
         other => panic!(
-            "hostile={other:?}: want mapgpa-fail-after, mapgpa-bad-retry-outside|unaligned|stuck \
-             or accept-mismatch|error|busy (with -touch: then read the quarantine, the negative \
-             control)"
+            "hostile={other:?}: want mapgpa-fail-after, mapgpa-bad-retry-outside|unaligned|stuck, \
+             accept-mismatch|error|busy or implicit (with -touch: then read the quarantine, the \
+             negative control)"
         ),
+    }
+}
+
+/// `implicit`: converting the run private again succeeds, and then the VMM
+/// takes the page at `taken` behind the guest's back. A load from the page
+/// before it that crosses into it (what load_unaligned_zeropad does) is the
+/// guest's news: the #VE handler records the lost GPA and zero-pads the load.
+/// The page is then retired, the quarantine coming back as a conversion's
+/// would. A failure is printed after `kind`.
+fn meet_the_taken_page(kind: &str, taken: VirtAddr) -> Option<Quarantine<TdxError>> {
+    let failed = |why: core::fmt::Arguments<'_>| {
+        println!("HOSTILE kind={kind} result=failed: {why}");
+        None
+    };
+    let run = VirtAddr(taken.0 - FAILING_ACCEPT_PAGE * PAGE_SIZE);
+    if let Err(e) = engine().set_memory_private(run, PAGES) {
+        return failed(format_args!("going private again: {e:?}"));
+    }
+    let (lost, fixups) = (
+        LOST_PAGES.load(Ordering::SeqCst),
+        ZEROPAD_FIXUPS.load(Ordering::SeqCst),
+    );
+    // SAFETY: the page before `taken` is present and private; the load
+    // crosses into `taken`, whose fault the handler fixes up.
+    let value = unsafe { load_unaligned_zeropad((taken.0 - 4) as *const u8) };
+    let gpa = LAST_LOST_GPA.load(Ordering::SeqCst);
+    if LOST_PAGES.load(Ordering::SeqCst) != lost + 1
+        || ZEROPAD_FIXUPS.load(Ordering::SeqCst) != fixups + 1
+        || value >> 32 != 0
+    {
+        return failed(format_args!(
+            "want one lost page and a zero-padded load, got lost pages +{}, fixups +{}, \
+             value {value:#x}",
+            LOST_PAGES.load(Ordering::SeqCst) - lost,
+            ZEROPAD_FIXUPS.load(Ordering::SeqCst) - fixups
+        ));
+    }
+    match engine().retire(taken, 1, TdxError::PrivatePageLost(Gpa(gpa))) {
+        Ok(q) => Some(q),
+        Err(e) => failed(format_args!("retiring the lost page: {e:?}")),
     }
 }
 
@@ -116,20 +173,29 @@ pub fn run(kind: &str) -> bool {
             "the conversion to shared before the failing one",
         );
     }
-    let q = match engine().convert(va, PAGES, want.fails) {
-        Err(ConvError::Quarantined(q)) => q,
-        other => {
-            println!("HOSTILE kind={kind} result=failed: want a quarantine, got {other:?}");
-            return false;
+    let page = |n: u64| va.0 + n * PAGE_SIZE;
+    let q = if scenario == "implicit" {
+        match meet_the_taken_page(kind, VirtAddr(page(FAILING_ACCEPT_PAGE))) {
+            Some(q) => q,
+            None => return false,
+        }
+    } else {
+        match engine().convert(va, PAGES, want.fails) {
+            Err(ConvError::Quarantined(q)) => q,
+            other => {
+                println!("HOSTILE kind={kind} result=failed: want a quarantine, got {other:?}");
+                return false;
+            }
         }
     };
     let first = want.first_quarantined * PAGE_SIZE;
+    let after = want.first_quarantined + want.quarantined;
     check(
         (q.va, q.gpa, q.bytes)
             == (
                 VirtAddr(va.0 + first),
                 PhysAddr(frame.0 + first),
-                PAGES * PAGE_SIZE - first,
+                want.quarantined * PAGE_SIZE,
             ),
         "the quarantine is exactly what the VMM's failure left unknown",
     );
@@ -143,16 +209,18 @@ pub fn run(kind: &str) -> bool {
             .lookup_address(VirtAddr(at))
             .map(|l| (l.entry.is_present(), cc.is_shared(l.entry)))
     };
-    let page = |n: u64| va.0 + n * PAGE_SIZE;
     check(
-        (want.first_quarantined..PAGES).all(|n| matches!(state(page(n)), Ok((false, _)))),
+        (want.first_quarantined..after).all(|n| matches!(state(page(n)), Ok((false, _)))),
         "every quarantined entry is non-present",
     );
     // Pages before the quarantine reached the target state (private: an
-    // ACCEPT failed after them); the pages around the run are untouched.
+    // ACCEPT failed after them, or the VMM took the page after them); so
+    // did those after a taken page; the pages around the run are untouched.
     check(
-        (0..want.first_quarantined).all(|n| state(page(n)) == Ok((true, false))),
-        "the pages before the quarantine are present and private",
+        (0..want.first_quarantined)
+            .chain(after..PAGES)
+            .all(|n| state(page(n)) == Ok((true, false))),
+        "the run's other pages are present and private",
     );
     check(
         state(va.0 - PAGE_SIZE) == Ok((true, false)) && state(page(PAGES)) == Ok((true, false)),

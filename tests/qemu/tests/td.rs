@@ -308,11 +308,13 @@ fn td_a_stale_pattern_is_caught_by_the_stress() {
 /// emulator: it converts 5 pages of a 16-page run and fails with no resume
 /// point, or answers RETRY with R11 past the range, unaligned, or stuck at
 /// the start; or, going private again, the 4th page's ACCEPT fails (size
-/// mismatch at 4K, an error, OPERAND_BUSY forever). Each time the guest
-/// gets the typed error, quarantines exactly what is unknown (the whole run
-/// for MapGPA, 13 pages from the failing ACCEPT), keeps everything around it as it was, never touches the range
-/// again (the emulator counts every access to it: zero), and goes on
-/// converting other pages.
+/// mismatch at 4K, an error, OPERAND_BUSY forever); or, with SEPT #VE on,
+/// the VMM takes the 4th page back behind the guest's back once it is
+/// private again. Each time the guest gets the typed error, quarantines
+/// exactly what is unknown (the whole run for MapGPA, 13 pages from the
+/// failing ACCEPT, the taken page), keeps everything around it as it was,
+/// never touches the range again (the emulator counts every access to it:
+/// zero), and goes on converting other pages.
 #[test]
 fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
     let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
@@ -348,6 +350,11 @@ fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
             "accept-busy",
             "cause=Accept(OperandBusy(",
         ),
+        (
+            "sept-ve implicit-convert",
+            "implicit",
+            "cause=PrivatePageLost(",
+        ),
     ] {
         let (run, report) = td_boot(
             guest.clone(),
@@ -360,10 +367,10 @@ fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
             .lines()
             .find(|l| l.starts_with(&format!("HOSTILE kind={scenario} result=")))
             .unwrap_or_default();
-        let bytes = if scenario.starts_with("accept") {
-            13 * 4096
-        } else {
-            16 * 4096
+        let bytes = match scenario {
+            "implicit" => 4096,
+            s if s.starts_with("accept") => 13 * 4096,
+            _ => 16 * 4096,
         };
         let ok = run.exit_code == Some(qemu_harness::EXIT_PASS)
             && line.contains("result=ok")
@@ -377,10 +384,13 @@ fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
                 ),
             );
         }
+        // The guest's one news of a taken page is the #VE of its access.
+        let news = u64::from(scenario == "implicit");
         for (key, want) in [
             ("quarantine_accesses", 0),
             ("wrong_state", 0),
-            ("ve_ept_violation", 0),
+            ("ve_ept_violation", news),
+            ("implicit_conversions", news),
         ] {
             if counter(&report, key) != want {
                 fail_with_log(
@@ -397,25 +407,47 @@ fn td_hostile_map_gpa_leaves_an_exact_quarantine_never_touched() {
 }
 
 /// Its negative control: the guest maps a quarantined frame anew and reads
-/// it; the emulator counts the access and stops the TD.
+/// it (a failed MapGPA's, a taken page's); the emulator counts the access
+/// and stops the TD.
 #[test]
 fn td_touching_the_quarantine_is_caught_by_the_emulator() {
     let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
-    let (run, report) = td_boot(
-        guest,
-        2,
-        "strict mapgpa-fail-after=5",
-        "hostile=mapgpa-fail-after-touch",
-    );
+    for (options, scenario) in [
+        ("strict mapgpa-fail-after=5", "mapgpa-fail-after-touch"),
+        ("strict sept-ve implicit-convert", "implicit-touch"),
+    ] {
+        let (run, report) = td_boot(guest.clone(), 2, options, &format!("hostile={scenario}"));
+        if run.exit_code != Some(EXIT_FAIL)
+            || counter(&report, "quarantine_accesses") != 1
+            || !run.log.contains("in the range a hostile VMM left unknown")
+        {
+            fail_with_log(
+                &run,
+                &format!(
+                    "{scenario}: want the TD stopped on its access to the quarantine, counted once"
+                ),
+            );
+        }
+    }
+}
+
+/// Without SEPT #VE (Linux's and QEMU's default) a page the VMM takes is
+/// news to no one: the guest's next access exits to the VMM, and KVM kills
+/// the TD ("Guest access before accepting"). The emulator does the same.
+#[test]
+fn td_a_taken_page_without_sept_ve_ends_the_td() {
+    let guest = guest_elf().unwrap_or_else(|e| panic!("{e}"));
+    let (run, report) = td_boot(guest, 2, "strict implicit-convert", "hostile=implicit");
     if run.exit_code != Some(EXIT_FAIL)
-        || counter(&report, "quarantine_accesses") != 1
+        || counter(&report, "ve_ept_violation") != 0
+        || counter(&report, "implicit_conversions") != 1
         || !run
             .log
-            .contains("in the range a failed MapGPA left unknown")
+            .contains("before ACCEPT (SEPT_VE_DISABLE: KVM kills the TD)")
     {
         fail_with_log(
             &run,
-            "want the TD stopped on its access to the quarantine, counted once",
+            "want the TD stopped at the taken page's first access, with no #VE",
         );
     }
 }
