@@ -18,7 +18,9 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 TEST_LOG := target/test-output.log
 BARE_METAL_TARGET := x86_64-unknown-none
-LIBRARIES := -p pagetable -p tdx_hypercall -p set_memory_enc
+LIBRARIES := -p coco-pagetable -p tdx_hypercall -p set_memory_enc
+# What docs.rs documents ([package.metadata.docs.rs]): never negative-control.
+DOC_FEATURES := --features coco-pagetable/sim,tdx_hypercall/sim,set_memory_enc/sim
 BARE_METAL := $(LIBRARIES) -p bare -p guest -p tdx_emulator
 GUEST_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/guest
 EMULATOR_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/tdx_emulator
@@ -89,6 +91,11 @@ test: guest linux-td-fetch
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) clippy $(BARE_METAL) --target $(BARE_METAL_TARGET) -- -D warnings
 	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
+	# Issue 10: the library crates as users get them: docs.rs's features, no
+	# doc warnings; packaged and built from their packages (the unpublished
+	# ones through cargo's local registry).
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps $(LIBRARIES) $(DOC_FEATURES)
+	$(CARGO) package $(LIBRARIES) --allow-dirty
 	mkdir -p target && : > $(TEST_LOG)
 	# --nocapture: the QEMU boots print their stress counters.
 	$(ELFS) $(LINUX_TD) $(CARGO) test --workspace --all-features --exclude set_memory_enc \

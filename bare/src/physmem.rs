@@ -2,8 +2,8 @@
 //! offset from its physical address (0 under the boot identity map, the
 //! direct-map base once a kernel has its own tables).
 
+use coco_pagetable::{PhysAddr, TableMemory};
 use core::sync::atomic::{AtomicU64, Ordering};
-use pagetable::{PhysAddr, TableMemory};
 
 /// Table entries at `physical + offset`, the offset read from a static so a
 /// kernel can move from the identity map to its direct map.

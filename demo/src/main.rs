@@ -2,8 +2,8 @@
 //! simulated memory, printing each of the seven steps, the state of the
 //! entries at that moment, and every TDCALL the fake TDX module received.
 
-use pagetable::sim::SimMemory;
-use pagetable::{Level, PageTables, PagingMode, PhysAddr, PteFlags, VirtAddr, PAGE_SIZE};
+use coco_pagetable::sim::SimMemory;
+use coco_pagetable::{Level, PageTables, PagingMode, PhysAddr, PteFlags, VirtAddr, PAGE_SIZE};
 use set_memory_enc::platform::Tdx;
 use set_memory_enc::{Converter, Direction, GpaRun, Machine, Step};
 use std::sync::{Arc, Mutex};

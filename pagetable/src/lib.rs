@@ -12,6 +12,7 @@
 //! tests, over [`sim::SimMemory`].
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod addr;
 mod entry;

@@ -144,9 +144,19 @@ pub enum WalkError {
     NonCanonical(VirtAddr),
     /// An entry on the way is zero, or a non-present table pointer: nothing
     /// is mapped at `va`. `level` is where the walk stopped.
-    NotMapped { va: VirtAddr, level: Level },
+    NotMapped {
+        /// The address walked.
+        va: VirtAddr,
+        /// The level whose entry is not present.
+        level: Level,
+    },
     /// PS set at a level that cannot hold a leaf (a reserved-bit fault).
-    Reserved { va: VirtAddr, level: Level },
+    Reserved {
+        /// The address walked.
+        va: VirtAddr,
+        /// The level whose entry has PS set.
+        level: Level,
+    },
 }
 
 /// Why a split or a mapping was refused. Nothing was changed.
@@ -161,7 +171,12 @@ pub enum TableError {
     /// A 4K leaf cannot be split.
     NotSplittable,
     /// Something is already mapped where a new leaf was asked for.
-    AlreadyMapped { va: VirtAddr, level: Level },
+    AlreadyMapped {
+        /// Where the new leaf was asked for.
+        va: VirtAddr,
+        /// The level at which something is mapped already.
+        level: Level,
+    },
     /// The address or frame is not aligned to the leaf size, or the level
     /// cannot hold a leaf.
     BadLeaf,

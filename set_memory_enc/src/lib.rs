@@ -32,7 +32,7 @@
 //!
 //! ```
 //! # #[cfg(feature = "sim")] {
-//! use pagetable::{sim::SimMemory, Level, PagingMode, PhysAddr, PteFlags, VirtAddr};
+//! use coco_pagetable::{sim::SimMemory, Level, PagingMode, PhysAddr, PteFlags, VirtAddr};
 //! use set_memory_enc::{platform::NoCc, sim::RecordingMachine, ConvError, Converter};
 //!
 //! let memory = SimMemory::new(PhysAddr(0x10_0000_0000), 16);
@@ -55,18 +55,19 @@
 //! ```
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod inflight;
 pub mod platform;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
-pub use inflight::MAX_IN_FLIGHT;
-use inflight::{InFlight, ReserveError};
-use pagetable::{
+use coco_pagetable::{
     CcMask, Leaf, LeafSpan, PageTables, PhysAddr, Pte, PteFlags, TableAllocator, TableError,
     TableMemory, VirtAddr, WalkError, PAGE_SIZE,
 };
+pub use inflight::MAX_IN_FLIGHT;
+use inflight::{InFlight, ReserveError};
 
 /// Which way a conversion goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,7 +281,7 @@ where
     pub fn new(
         memory: M,
         root: PhysAddr,
-        mode: pagetable::PagingMode,
+        mode: coco_pagetable::PagingMode,
         allocator: A,
         machine: K,
         platform: P,
@@ -579,7 +580,7 @@ where
             // large leaf, the 4K entry a split gives its first page.
             let flags = leaf.entry.0
                 & !(PteFlags::PRESENT.bits() | PteFlags::HUGE_PAGE.bits() | cc.all())
-                & !pagetable::leaf_addr_field(leaf.level);
+                & !coco_pagetable::leaf_addr_field(leaf.level);
             if gpa == 0 && flags == 0 {
                 return Err(ConvError::ZeroWhenNotPresent(VirtAddr(first)));
             }

@@ -1,8 +1,8 @@
 //! Platforms: what the hypervisor is told, and which C/S bit entries carry.
 
 use crate::{Direction, GpaRun, NotifyError, Platform};
+use coco_pagetable::{CcMask, MaskError, PhysAddr};
 use core::sync::atomic::{AtomicU64, Ordering};
-use pagetable::{CcMask, MaskError, PhysAddr};
 use tdx_hypercall::{
     accept_range_counting, map_gpa_counting, vp_info, AcceptError, AcceptStats, Gpa,
     MapGpaErrorKind, MapGpaStats, MapTarget, TdCall, TdcallError,

@@ -4,7 +4,7 @@
 //! hand control to a model checker). Std-based; enabled by the `sim` feature.
 
 use crate::{Direction, GpaRun, Machine, NotifyError, Platform, Step};
-use pagetable::VirtAddr;
+use coco_pagetable::VirtAddr;
 use std::sync::{Arc, Mutex};
 
 /// One hook call.
@@ -97,7 +97,7 @@ pub struct RecordingPlatform<P> {
 
 impl<P: Platform> Platform for RecordingPlatform<P> {
     type Error = P::Error;
-    fn cc_mask(&self) -> pagetable::CcMask {
+    fn cc_mask(&self) -> coco_pagetable::CcMask {
         self.inner.cc_mask()
     }
     fn needs_cache_flush(&self, direction: Direction) -> bool {

@@ -43,8 +43,8 @@
 //! `AVOID_ONLY_PRESENT`, `COUNT_AFTER_PLATFORM_FAILURES`) so they can find
 //! others. `PROPTEST_CASES=n` runs n cases of each property instead.
 
-use pagetable::sim::SimMemory;
-use pagetable::{
+use coco_pagetable::sim::SimMemory;
+use coco_pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, Pte, PteFlags, TableAllocator, TableMemory,
     VirtAddr, ADDR_FIELD, ENTRIES_PER_TABLE, PAGE_SIZE,
 };
@@ -251,7 +251,7 @@ impl Model {
 
     /// The documented argument checks, in order.
     fn check_arguments<E>(&self, va: u64, pages: u64) -> Result<(u64, u64), ConvError<E>> {
-        if va % PAGE_SIZE != 0 {
+        if !va.is_multiple_of(PAGE_SIZE) {
             return Err(ConvError::Unaligned(VirtAddr(va)));
         }
         if pages == 0 {
@@ -331,7 +331,7 @@ impl Model {
     fn splits_needed_at(&self, va: u64) -> u64 {
         match self.leaf_at(va) {
             Some((start, leaf)) if start != va => match leaf.level {
-                Level::Pdpt => 1 + u64::from(va % MIB2 != 0),
+                Level::Pdpt => 1 + u64::from(!va.is_multiple_of(MIB2)),
                 Level::Pd => 1,
                 _ => 0,
             },

@@ -21,8 +21,8 @@
 //! (c) The seven steps with a shootdown that does not flush, or with the
 //!     alias left mapped: at least one #VE, so the model can see both.
 
-use pagetable::sim::SimMemory;
-use pagetable::{
+use coco_pagetable::sim::SimMemory;
+use coco_pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, Pte, PteFlags, VirtAddr, PAGE_SIZE,
 };
 use set_memory_enc::platform::Tdx;

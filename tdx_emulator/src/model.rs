@@ -1437,7 +1437,7 @@ impl<'a> TdModel<'a> {
             }
         };
         if rcx & 0xfff0_0000_0000_0ff8 != 0
-            || gpa % size != 0
+            || !gpa.is_multiple_of(size)
             || gpa >> self.gpaw != 0
             || gpa & self.shared_bit() != 0
         {

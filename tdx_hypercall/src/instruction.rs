@@ -33,7 +33,7 @@ pub const SOUND_VMCALL_EXPOSE_MASK: u64 = 0xff04;
 /// R8-R15): TDG.VP.VMCALL (0) with a sound RCX bitmap, and leaves 1..=11
 /// (VP.INFO, MR.RTMR.EXTEND, VP.VEINFO.GET, MR.REPORT, VP.CPUIDVE.SET,
 /// MEM.PAGE.ACCEPT, VM.RD, VM.WR, VP.RD, VP.WR, SYS.RD).
-pub const fn is_sound(regs: &TdcallRegs) -> bool {
+pub const fn is_sound_tdcall(regs: &TdcallRegs) -> bool {
     match regs.rax {
         crate::leaf::TDG_VP_VMCALL => regs.rcx & !SOUND_VMCALL_EXPOSE_MASK == 0,
         1..=11 => true,
@@ -42,16 +42,16 @@ pub const fn is_sound(regs: &TdcallRegs) -> bool {
 }
 
 impl TdCall for TdcallInstruction {
-    /// Refuses, without executing anything, a call [`is_sound`] rejects: RAX
+    /// Refuses, without executing anything, a call [`is_sound_tdcall`] rejects: RAX
     /// then holds TDX_OPERAND_INVALID and the other registers are untouched.
     fn tdcall(&self, regs: &mut TdcallRegs) {
-        if !is_sound(regs) {
+        if !is_sound_tdcall(regs) {
             regs.rax = crate::status::TDX_OPERAND_INVALID;
             return;
         }
         // SAFETY: a `TdcallInstruction` only exists if the creator promised (`new`'s contract)
         // that we run inside a TD at CPL 0 in 64-bit mode, so the instruction is defined. It
-        // does not touch the stack. `is_sound` admitted only leaves whose registers are all
+        // does not touch the stack. `is_sound_tdcall` admitted only leaves whose registers are all
         // inout operands here, and for TDVMCALL only an RCX bitmap that exposes no other
         // register to the VMM (the TDX module preserves the rest).
         //
@@ -94,23 +94,23 @@ mod tests {
     #[test]
     fn only_bitmaps_that_expose_declared_registers_are_sound() {
         // Ours (R10-R15) and with RDX, R8, R9.
-        assert!(is_sound(&regs(0, 0xfc00)));
-        assert!(is_sound(&regs(0, 0xff04)));
+        assert!(is_sound_tdcall(&regs(0, 0xfc00)));
+        assert!(is_sound_tdcall(&regs(0, 0xff04)));
         // Linux's 0xFFCC exposes RBX, RSI, RDI: the VMM could rewrite
         // registers this asm does not declare.
-        assert!(!is_sound(&regs(0, 0xffcc)));
-        assert!(!is_sound(&regs(0, 0xfc00 | 1 << 5)), "RBP");
-        assert!(!is_sound(&regs(0, 0xfc00 | 1 << 16)), "XMM0");
-        assert!(!is_sound(&regs(0, 0xfc00 | 1 << 32)));
+        assert!(!is_sound_tdcall(&regs(0, 0xffcc)));
+        assert!(!is_sound_tdcall(&regs(0, 0xfc00 | 1 << 5)), "RBP");
+        assert!(!is_sound_tdcall(&regs(0, 0xfc00 | 1 << 16)), "XMM0");
+        assert!(!is_sound_tdcall(&regs(0, 0xfc00 | 1 << 32)));
     }
 
     #[test]
     fn unknown_leaves_are_refused_without_executing() {
         for leaf in [1, 3, 6, 8, 11] {
-            assert!(is_sound(&regs(leaf, 0)), "leaf {leaf}");
+            assert!(is_sound_tdcall(&regs(leaf, 0)), "leaf {leaf}");
         }
         for leaf in [12, 25, 0x1_0000_0000] {
-            assert!(!is_sound(&regs(leaf, 0)), "leaf {leaf}");
+            assert!(!is_sound_tdcall(&regs(leaf, 0)), "leaf {leaf}");
         }
         // Refused before the instruction: safe to call on the host.
         // SAFETY: never executes TDCALL, since every call below is refused.

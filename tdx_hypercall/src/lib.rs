@@ -39,7 +39,7 @@ pub use info::{
     TDX_CPUID_LEAF,
 };
 #[cfg(target_arch = "x86_64")]
-pub use instruction::TdcallInstruction;
+pub use instruction::{is_sound_tdcall, TdcallInstruction, SOUND_VMCALL_EXPOSE_MASK};
 pub use map_gpa::{
     map_gpa, map_gpa_counting, MapGpaError, MapGpaErrorKind, MapGpaStats, MapTarget,
     MAP_GPA_MAX_STALLED_RETRIES,

@@ -295,7 +295,7 @@ fn check_map_gpa(
         };
         let resume = resume_point(call.r11, target, shared_bit);
         assert!(
-            resume >= cur && resume < end && resume % PAGE_SIZE == 0,
+            resume >= cur && resume < end && resume.is_multiple_of(PAGE_SIZE),
             "{what}: call #{i}'s R11 {:#x} (resume {resume:#x}) outside [{cur:#x}, {end:#x}) \
              or unaligned, yet followed",
             call.r11
@@ -341,7 +341,7 @@ fn check_map_gpa(
             let resume = resume_point(last.r11, target, shared_bit);
             if resume < cur || resume >= end {
                 fail(MapGpaErrorKind::ResumeOutOfRange { r11: last.r11 })
-            } else if resume % PAGE_SIZE != 0 {
+            } else if !resume.is_multiple_of(PAGE_SIZE) {
                 fail(MapGpaErrorKind::ResumeUnaligned { r11: last.r11 })
             } else {
                 assert!(
@@ -360,10 +360,10 @@ fn map_gpa_input_error(start: u64, len: u64, shared_bit: u64) -> Option<MapGpaEr
     if !shared_bit.is_power_of_two() || shared_bit.trailing_zeros() < 13 {
         return Some(MapGpaErrorKind::BadSharedBit);
     }
-    if start % PAGE_SIZE != 0 {
+    if !start.is_multiple_of(PAGE_SIZE) {
         return Some(MapGpaErrorKind::UnalignedStart);
     }
-    if len % PAGE_SIZE != 0 {
+    if !len.is_multiple_of(PAGE_SIZE) {
         return Some(MapGpaErrorKind::UnalignedLength);
     }
     if len == 0 {
@@ -439,7 +439,7 @@ impl TdCall for Module {
             .unwrap_or_else(|| panic!("bad ACCEPT level in RCX {:#x}", regs.rcx));
         let gpa = regs.rcx & !(PAGE_SIZE - 1);
         assert!(
-            gpa % size.bytes() == 0
+            gpa.is_multiple_of(size.bytes())
                 && gpa >= self.start
                 && gpa.checked_add(size.bytes()).is_some_and(|e| e <= self.end),
             "ACCEPT of {gpa:#x} at {size:?} outside [{:#x}, {:#x}) or unaligned",
@@ -528,7 +528,10 @@ fn accept_range_gen() -> impl Strategy<Value = (u64, u64)> {
 
 fn largest_size(cur: u64, remaining: u64, cap: AcceptSize) -> AcceptSize {
     for size in [AcceptSize::Size1G, AcceptSize::Size2M] {
-        if size.bytes() <= cap.bytes() && size.bytes() <= remaining && cur % size.bytes() == 0 {
+        if size.bytes() <= cap.bytes()
+            && size.bytes() <= remaining
+            && cur.is_multiple_of(size.bytes())
+        {
             return size;
         }
     }

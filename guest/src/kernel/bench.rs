@@ -24,7 +24,7 @@ use super::engine::ConversionWork;
 use super::stress::Order;
 use super::{memory, td};
 use bare::println;
-use pagetable::VirtAddr;
+use coco_pagetable::VirtAddr;
 use set_memory_enc::Direction;
 
 /// Most rounds per size (the module's limit too).

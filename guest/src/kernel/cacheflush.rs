@@ -14,8 +14,8 @@
 
 use super::memory::{kernel_tables, DIRECT_MAP, FRAMES};
 use super::shootdown::MAX_CPUS;
+use coco_pagetable::{CcMask, Level, PhysAddr, PteFlags, TableError, TableMemory, VirtAddr};
 use core::sync::atomic::{AtomicU64, Ordering};
-use pagetable::{CcMask, Level, PhysAddr, PteFlags, TableError, TableMemory, VirtAddr};
 use set_memory_enc::GpaRun;
 
 /// Where the 4K windows start: CPU n's is the page at `FLUSH_WINDOWS + n *

@@ -22,8 +22,8 @@ use super::shootdown::MAX_CPUS;
 use super::stress::{self, first_page_byte, load_across};
 use bare::extable::ZEROPAD_FIXUPS;
 use bare::println;
+use coco_pagetable::{VirtAddr, PAGE_SIZE};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use pagetable::{VirtAddr, PAGE_SIZE};
 use set_memory_enc::{ConvError, Direction, Platform};
 
 /// Pages each CPU converts.

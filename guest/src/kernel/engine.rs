@@ -5,9 +5,9 @@
 use super::memory::{DirectMap, FrameAllocator, DIRECT_MAP, FRAMES};
 use super::{cacheflush, shootdown, td, vmalloc};
 use bare::println;
+use coco_pagetable::VirtAddr;
+use coco_pagetable::{CcMask, PagingMode, PhysAddr};
 use core::sync::atomic::{AtomicBool, Ordering};
-use pagetable::VirtAddr;
-use pagetable::{CcMask, PagingMode, PhysAddr};
 use set_memory_enc::platform::{NoCc, Tdx, TdxError};
 use set_memory_enc::{Converter, Direction, GpaRun, Machine, NotifyError, Platform, Step};
 use tdx_hypercall::TdcallInstruction;

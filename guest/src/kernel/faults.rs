@@ -142,7 +142,7 @@ fn ept_violation(frame: &mut Frame, ve: &VeInfo) {
     let gpa = ve.guest_physical_address;
     let cc = super::engine::try_engine().map(|e| e.platform().cc_mask());
     if cc.is_some_and(|cc| cc.shared_bits() != 0 && gpa & cc.shared_bits() == 0) {
-        LAST_LOST_GPA.store(gpa & !(pagetable::PAGE_SIZE - 1), Ordering::SeqCst);
+        LAST_LOST_GPA.store(gpa & !(coco_pagetable::PAGE_SIZE - 1), Ordering::SeqCst);
         LOST_PAGES.fetch_add(1, Ordering::SeqCst);
         // The GLA of a load that crossed into the page is the page's start.
         if bare::extable::fixup_page_fault(frame, ve.guest_linear_address) {

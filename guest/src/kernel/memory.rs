@@ -12,11 +12,11 @@
 //!
 //! Nothing else is mapped: address 0 faults.
 
-use core::sync::atomic::{AtomicU64, Ordering};
-use pagetable::{
+use coco_pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, TableError,
     VirtAddr, PAGE_SIZE,
 };
+use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Mutex;
 
 /// Where the direct map starts.

@@ -394,7 +394,8 @@ fn report_tdx_counters() {
 
 /// Shows the seven steps once, on a test-area page.
 fn trace_one_conversion() {
-    let va = pagetable::VirtAddr(memory::DIRECT_MAP_BASE + test_area().0 + 6 * (2 << 20) + 0x5000);
+    let va =
+        coco_pagetable::VirtAddr(memory::DIRECT_MAP_BASE + test_area().0 + 6 * (2 << 20) + 0x5000);
     println!("guest: one conversion, step by step (a 4K page inside a 2M leaf):");
     engine::TRACE.store(true, core::sync::atomic::Ordering::SeqCst);
     let shared = engine::engine().set_memory_shared(va, 1);

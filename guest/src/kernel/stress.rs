@@ -32,8 +32,8 @@ use super::faults::{EPT_VIOLATION_VE, UNEXPECTED_FAULTS, VE_TAKEN};
 use super::memory::DIRECT_MAP_BASE;
 use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
 use bare::println;
+use coco_pagetable::{VirtAddr, PAGE_SIZE};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use pagetable::{VirtAddr, PAGE_SIZE};
 use set_memory_enc::platform::TdxError;
 use set_memory_enc::{ConvError, ConvStats, Direction};
 
@@ -212,7 +212,7 @@ pub struct CheckedLoad {
 impl CheckedLoad {
     /// No conversion ran during the load: it was held to one exact pattern.
     pub fn stable(&self) -> bool {
-        self.before == self.after && self.before % 2 == 0
+        self.before == self.after && self.before.is_multiple_of(2)
     }
 }
 
@@ -247,7 +247,7 @@ pub unsafe fn load_across(first: u64, back: u64, sequence: &AtomicU64, salt: u64
 /// `salt`: which page's patterns ([`pattern_byte`]; 0 for the
 /// stress's page).
 fn load_is_right(value: u64, back: u64, before: u64, after: u64, salt: u64) -> Option<bool> {
-    let stable = before == after && before % 2 == 0;
+    let stable = before == after && before.is_multiple_of(2);
     if after.wrapping_sub(before) > 2 {
         return None;
     }

@@ -3,7 +3,7 @@
 //! VMM about a fatal error. Outside a TD nothing here does anything.
 
 use super::memory::{align_up, RamRegion, LOW_MEMORY_END};
-use pagetable::PAGE_SIZE;
+use coco_pagetable::PAGE_SIZE;
 use tdx_hypercall::{
     accept_ram, is_tdx_cpuid_signature, report_fatal_error, AcceptStats, Gpa, TdcallInstruction,
     TDX_CPUID_LEAF,

@@ -7,10 +7,10 @@ use super::report::{Test, TestResult};
 use super::{test_area, vmalloc};
 use crate::ensure;
 use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
-use core::sync::atomic::{AtomicU64, Ordering};
-use pagetable::{
+use coco_pagetable::{
     Leaf, Level, PhysAddr, Pte, PteFlags, TableMemory, VirtAddr, WalkError, PAGE_SIZE,
 };
+use core::sync::atomic::{AtomicU64, Ordering};
 use set_memory_enc::{ConvError, Platform};
 
 const MIB2: u64 = 2 << 20;
@@ -127,7 +127,7 @@ fn lookup(va: u64) -> Result<Leaf, WalkError> {
     engine().tables().lookup_address(VirtAddr(va))
 }
 
-fn cc() -> pagetable::CcMask {
+fn cc() -> coco_pagetable::CcMask {
     engine().platform().cc_mask()
 }
 

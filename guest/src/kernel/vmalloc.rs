@@ -4,7 +4,7 @@
 //! converted. Step 1 of a conversion purges those (`purge_lazy_aliases`).
 
 use super::memory::{DirectMap, FRAMES};
-use pagetable::{CcMask, Level, PageTables, PhysAddr, PteFlags, VirtAddr, PAGE_SIZE};
+use coco_pagetable::{CcMask, Level, PageTables, PhysAddr, PteFlags, VirtAddr, PAGE_SIZE};
 use spin::Mutex;
 
 /// Start of the area.
@@ -38,7 +38,7 @@ static AREAS: Mutex<Areas> = Mutex::new(Areas {
 pub enum VmapError {
     NoSlot,
     NoAddressSpace,
-    Map(pagetable::TableError),
+    Map(coco_pagetable::TableError),
 }
 
 fn tables(cc: CcMask) -> PageTables<DirectMap> {
@@ -123,6 +123,6 @@ pub fn purged_total() -> u64 {
 }
 
 /// Unmaps one page of an area at once (tests: make the next page absent).
-pub fn unmap_page(va: VirtAddr, cc: CcMask) -> Result<(), pagetable::TableError> {
+pub fn unmap_page(va: VirtAddr, cc: CcMask) -> Result<(), coco_pagetable::TableError> {
     tables(cc).unmap_leaf(va).map(|_| ())
 }

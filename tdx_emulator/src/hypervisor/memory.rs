@@ -4,10 +4,10 @@
 //! page's private alias only while it is private-accepted and its shared
 //! alias (bit 47) only while it is shared.
 
-use core::sync::atomic::{AtomicU64, AtomicU8};
-use pagetable::{
+use coco_pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, VirtAddr,
 };
+use core::sync::atomic::{AtomicU64, AtomicU8};
 use spin::Mutex;
 use tdx_emulator::model::{Backing, PageState};
 

@@ -7,8 +7,8 @@ use super::memory::TdMemory;
 use super::svm::{self, control, exit, intercept, save, GuestRegisters, Segment, Vmcb};
 use super::{clock, devices, firmware_layout, td, vapic, TD_VCPUS};
 use bare::println;
+use coco_pagetable::{CcMask, PageTables, PagingMode, PhysAddr, VirtAddr};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use pagetable::{CcMask, PageTables, PagingMode, PhysAddr, VirtAddr};
 use tdx_emulator::control_regs::{self, CrInstruction, CrWrite};
 use tdx_emulator::cpuid::{self, CpuidAnswer, CpuidConfig};
 use tdx_emulator::decode;
@@ -775,7 +775,7 @@ enum NativeWrite {
 /// The guest's page tables, read through TD memory.
 struct GuestTables(&'static TdMemory);
 
-impl pagetable::TableMemory for GuestTables {
+impl coco_pagetable::TableMemory for GuestTables {
     fn load(&self, table: PhysAddr, index: usize) -> u64 {
         match self.0.host_address(table.0 + (index as u64 & 511) * 8) {
             // SAFETY: TD memory, identity-mapped; entries are 8-byte aligned.

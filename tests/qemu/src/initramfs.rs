@@ -136,7 +136,7 @@ impl fmt::Display for InitramfsError {
 impl std::error::Error for InitramfsError {}
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
