@@ -20,7 +20,7 @@ TEST_LOG := target/test-output.log
 BARE_METAL_TARGET := x86_64-unknown-none
 LIBRARIES := -p coco-pagetable -p tdx_hypercall -p set_memory_enc
 # What docs.rs documents ([package.metadata.docs.rs]): never negative-control.
-DOC_FEATURES := --features coco-pagetable/sim,tdx_hypercall/sim,set_memory_enc/sim
+DOC_FEATURES := --features coco-pagetable/sim,tdx_hypercall/sim,set_memory_enc/sim,set_memory_enc/x86_64
 BARE_METAL := $(LIBRARIES) -p bare -p guest -p tdx_emulator
 GUEST_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/guest
 EMULATOR_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/tdx_emulator
@@ -91,6 +91,7 @@ test: guest linux-td-fetch
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) clippy $(BARE_METAL) --target $(BARE_METAL_TARGET) -- -D warnings
 	$(CARGO) build $(LIBRARIES) --target $(BARE_METAL_TARGET)
+	$(CARGO) build $(LIBRARIES) --features set_memory_enc/x86_64 --target $(BARE_METAL_TARGET)
 	# Issue 10: the library crates as users get them: docs.rs's features, no
 	# doc warnings; packaged and built from their packages (the unpublished
 	# ones through cargo's local registry).

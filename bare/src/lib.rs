@@ -25,8 +25,6 @@ pub mod gdt;
 pub mod idt;
 pub mod mpwakeup;
 #[cfg(target_os = "none")]
-pub mod physmem;
-#[cfg(target_os = "none")]
 pub mod serial;
 #[cfg(target_os = "none")]
 pub mod smp;

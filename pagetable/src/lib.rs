@@ -8,8 +8,11 @@
 //! must tell the hypervisor which frames they map.
 //!
 //! Table memory is reached through [`TableMemory`] (a physical-to-virtual
-//! mapper), so the same walker runs on a kernel's direct map and, in host
-//! tests, over [`sim::SimMemory`].
+//! mapper), so the same walker runs on a kernel's direct map
+//! ([`OffsetTableMemory`]) and, in host tests, over `sim::SimMemory`
+//! (feature `sim`). Feature `x86_64`: conversions to and from the `x86_64`
+//! crate's types and an adapter for its frame allocators
+//! (`x86_64_interop`).
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -17,7 +20,10 @@
 mod addr;
 mod entry;
 mod level;
+mod offset;
 mod tables;
+#[cfg(feature = "x86_64")]
+pub mod x86_64_interop;
 
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -28,7 +34,11 @@ pub use entry::{
     SOFTWARE_SHARED_BIT,
 };
 pub use level::{Level, PagingMode, ENTRIES_PER_TABLE};
+pub use offset::OffsetTableMemory;
 pub use tables::{Leaf, LeafSpan, PageTables, TableAllocator, TableError, TableMemory, WalkError};
 
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod offset_tests;
 #[cfg(test)]
 mod tests;

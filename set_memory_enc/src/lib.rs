@@ -53,6 +53,74 @@
 //! engine.set_memory_private(VirtAddr(va.0 + 0x3000), 1).unwrap();
 //! # }
 //! ```
+//!
+//! # In a kernel that uses the `x86_64` crate
+//!
+//! Feature `x86_64` (coco-pagetable's, forwarded): a blog_os-style kernel
+//! has a physical-memory offset and a `FrameAllocator`, and that is all the
+//! tables need: [`coco_pagetable::OffsetTableMemory`] and
+//! [`coco_pagetable::x86_64_interop::LockedFrameAllocator`]. Two rules
+//! (see `x86_64_interop`): no `OffsetPageTable` may change the tables while
+//! a conversion runs, and the kernel's [`Machine::flush_tlb_all`] must drop
+//! global entries, which `x86_64::instructions::tlb::flush_all` does not.
+//! Here host memory stands in for RAM, and the test double
+//! [`sim::RecordingMachine`] for the kernel's `Machine`.
+//!
+//! ```
+//! # #[cfg(all(feature = "sim", feature = "x86_64"))] {
+//! use coco_pagetable::{x86_64_interop::LockedFrameAllocator, OffsetTableMemory};
+//! use coco_pagetable::{PagingMode, PhysAddr, TableAllocator, VirtAddr};
+//! use set_memory_enc::{platform::NoCc, sim::RecordingMachine, Converter};
+//! use x86_64::structures::paging::{
+//!     FrameAllocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags, PhysFrame,
+//!     Size4KiB,
+//! };
+//!
+//! // The kernel's frame allocator (blog_os: BootInfoFrameAllocator).
+//! struct BootFrames { next: u64, end: u64 }
+//! // SAFETY: each frame of [next, end) is unused RAM, handed out once.
+//! unsafe impl FrameAllocator<Size4KiB> for BootFrames {
+//!     fn allocate_frame(&mut self) -> Option<PhysFrame> {
+//!         let frame = (self.next < self.end).then_some(self.next)?;
+//!         self.next += 4096;
+//!         PhysFrame::from_start_address(x86_64::PhysAddr::new(frame)).ok()
+//!     }
+//! }
+//! # let layout = std::alloc::Layout::from_size_align(16 << 12, 4096).unwrap();
+//! # // SAFETY: a valid, non-zero layout; never freed (the example ends).
+//! # let host = unsafe { std::alloc::alloc_zeroed(layout) } as u64;
+//! # let ram_start = 0x20_0000u64;
+//! // From the bootloader (here: host memory playing RAM at `ram_start`).
+//! let physical_memory_offset = x86_64::VirtAddr::new(host - ram_start);
+//! let frames = LockedFrameAllocator::new(BootFrames { next: ram_start, end: ram_start + (16 << 12) });
+//! let root = frames.allocate_table().unwrap(); // a kernel: Cr3::read()
+//!
+//! // The kernel maps a buffer as it always does, then lets the mapper go.
+//! let buffer = Page::<Size4KiB>::from_start_address(x86_64::VirtAddr::new(0xffff_c900_0000_0000)).unwrap();
+//! let frame = PhysFrame::from_start_address(x86_64::PhysAddr::new(ram_start + (15 << 12))).unwrap();
+//! {
+//!     // SAFETY: the root is a page table at `physical_memory_offset`.
+//!     let level_4 = unsafe { &mut *((root.0 + physical_memory_offset.as_u64()) as *mut PageTable) };
+//!     // SAFETY: all RAM is mapped at the offset.
+//!     let mut mapper = unsafe { OffsetPageTable::new(level_4, physical_memory_offset) };
+//!     let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+//!     // SAFETY: the frame is used for nothing else; a kernel flush()es.
+//!     frames.with(|a| unsafe { mapper.map_to(buffer, frame, flags, a) }).unwrap().ignore();
+//! }
+//!
+//! // SAFETY: all RAM, the tables' frames included, is mapped at the offset.
+//! let memory = unsafe { OffsetTableMemory::new(physical_memory_offset.as_u64()) };
+//! // In a TD: platform::Tdx::new(tdcall), and the kernel's own Machine.
+//! let engine = Converter::new(memory, root, PagingMode::FourLevel, &frames,
+//!                             RecordingMachine::default(), NoCc);
+//! let va = VirtAddr::from(buffer.start_address());
+//! engine.set_memory_shared(va, 1).unwrap();
+//! // ... the device or the host reads the buffer ...
+//! engine.set_memory_private(va, 1).unwrap();
+//! assert_eq!(engine.tables().lookup_address(va).unwrap().entry.0 & 0xf_ffff_ffff_f000,
+//!            PhysAddr::from(frame).0);
+//! # }
+//! ```
 #![cfg_attr(not(any(test, feature = "sim")), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

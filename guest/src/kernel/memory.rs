@@ -47,9 +47,14 @@ pub fn phys_to_virt(pa: u64) -> u64 {
 
 /// Page-table memory through the direct map (or, before it exists, the
 /// boot identity map): `PHYS_OFFSET` says which.
-pub type DirectMap = bare::physmem::MappedTables;
+pub type DirectMap = coco_pagetable::OffsetTableMemory;
 /// The kernel's page-table memory.
-pub const DIRECT_MAP: DirectMap = DirectMap::new(&PHYS_OFFSET);
+// SAFETY: all RAM (every table frame and every frame FRAMES hands out) is
+// mapped read-write at `physical + PHYS_OFFSET`: at 0 by the boot identity
+// map, and at DIRECT_MAP_BASE by our own tables, which direct-map all RAM
+// and are loaded before PHYS_OFFSET changes (`switch_to`).
+// Entries are only accessed atomically, here and by the CPU's walker.
+pub const DIRECT_MAP: DirectMap = unsafe { DirectMap::with_shared_offset(&PHYS_OFFSET) };
 
 /// Usable RAM, as the boot memory map says.
 #[derive(Clone, Copy)]

@@ -7,7 +7,7 @@
 use coco_pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, VirtAddr,
 };
-use core::sync::atomic::{AtomicU64, AtomicU8};
+use core::sync::atomic::AtomicU8;
 use spin::Mutex;
 use tdx_emulator::model::{Backing, PageState};
 
@@ -17,10 +17,12 @@ pub const MAX_TD_BYTES: u64 = 1536 << 20;
 pub const MAX_TD_PAGES: usize = (MAX_TD_BYTES / 4096) as usize;
 
 /// Page-table memory through the boot identity map (all RAM below 4 GiB).
-pub type Identity = bare::physmem::MappedTables;
-static NO_OFFSET: AtomicU64 = AtomicU64::new(0);
+pub type Identity = coco_pagetable::OffsetTableMemory;
 /// The nested tables' memory.
-pub const IDENTITY: Identity = Identity::new(&NO_OFFSET);
+// SAFETY: the nested tables' frames come from `Frames`, RAM below 4 GiB,
+// which the boot identity map covers for the emulator's whole life; their
+// entries are only accessed atomically, here and by the CPU's nested walker.
+pub const IDENTITY: Identity = unsafe { Identity::new(0) };
 
 /// Zeroed 4K frames from `[next, end)`; never freed (the emulator runs one TD).
 pub struct Frames {
