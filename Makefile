@@ -1,9 +1,13 @@
 # Two entry points, both safe to run on a fresh Debian machine as root:
-#   make run   - boot the guest kernel under QEMU with 4 CPUs: conversions,
-#                in-guest tests and the load_unaligned_zeropad stress
-#   make test  - formatting, lints, bare-metal builds and every test
+#   make run   - the guest as a TD under the TDX-module emulator, 4 vCPUs: one
+#                conversion traced step by step, the in-guest tests, the
+#                load_unaligned_zeropad stress, then the same stress in the
+#                legacy order beside it; one screen, logs in target/run/
+#   make test  - formatting, lints, packaging, docs, bare-metal builds and
+#                every test
 # Both install what is missing first (scripts/setup.sh).
-# Also: make run-td - the guest as a TD under the TDX-module emulator;
+# Also: make run-plain - the guest on a plain VM (no TD), its console streamed;
+#       make run-td - the guest as a TD, its console streamed;
 #       make linux-td - Debian's stock kernel as a TD: fetch it, run its tests;
 #       make run-linux-td - boot it as a TD with 4 vCPUs, console streamed;
 #       make demo   - the engine over simulated memory on the host, step by step;
@@ -34,7 +38,7 @@ LINUX_TD_DIR := $(CURDIR)/target/linux-td
 LINUX_TD := LINUX_TD_KERNEL=$(LINUX_TD_DIR)/kernel LINUX_TD_BUSYBOX=$(LINUX_TD_DIR)/busybox \
 	LINUX_TD_SOURCE=$(LINUX_TD_DIR)/SOURCE LINUX_TD_MODULE=$(LINUX_TD_DIR)/coco_race.ko
 
-.PHONY: setup guest run run-td linux-td-fetch linux-td linux-race run-linux-td demo bench soak test fmt
+.PHONY: setup guest run run-plain run-td linux-td-fetch linux-td linux-race run-linux-td demo bench soak test fmt
 
 setup:
 	@./scripts/setup.sh
@@ -45,6 +49,9 @@ guest: setup
 		--target-dir target/negative-control
 
 run: guest
+	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run
+
+run-plain: guest
 	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4
 
 # The guest as a TD under the TDX-module emulator (strict mode), 4 vCPUs.

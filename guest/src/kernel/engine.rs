@@ -29,21 +29,43 @@ impl Machine for GuestMachine {
     }
     fn on_step(&self, step: Step, direction: Direction, va: VirtAddr, pages: u64) {
         if TRACE.load(Ordering::Relaxed) {
-            let tables = engine().tables();
-            let leaf = tables.lookup_address(va).ok();
-            let state = leaf.map(|l| {
-                (
-                    l.entry.is_present(),
-                    engine().platform().cc_mask().is_shared(l.entry),
-                )
-            });
-            println!("  step {} {step:?} ({direction:?}, {pages} page(s) at {va}): entry before the step (present, shared) = {state:?}", step as u8);
+            trace_entry(
+                &format_args!("step={} {step:?}", step as u8),
+                direction,
+                va,
+                pages,
+            );
         }
     }
 }
 
 /// Print each step of conversions while set (for `make run`).
 pub static TRACE: AtomicBool = AtomicBool::new(false);
+
+/// One `TRACE` line: the leaf entry of `va` as it is now (value, present,
+/// shared, frame), and in a TD the emulator's state of its page right after
+/// (its page-state probe, port 0xfc, prints a `TDXEMU page=` line).
+pub fn trace_entry(what: &dyn core::fmt::Display, direction: Direction, va: VirtAddr, pages: u64) {
+    let cc = engine().platform().cc_mask();
+    match engine().tables().lookup_address(va) {
+        Ok(leaf) => {
+            let frame = cc.leaf_frame(leaf.entry, leaf.level).0 + (va.0 - leaf.va.0);
+            println!(
+                "TRACE {what} direction={direction:?} pages={pages} va={va} entry={:#018x} present={} shared={} frame={frame:#x}",
+                leaf.entry.0,
+                u8::from(leaf.entry.is_present()),
+                u8::from(cc.is_shared(leaf.entry))
+            );
+            if td::active() {
+                // SAFETY: port 0xfc is the emulator's page-state probe; the
+                // write changes nothing (a #VE the handler turns into the
+                // IO TDVMCALL).
+                unsafe { bare::cpu::outl(0xfc, (frame >> 12) as u32) };
+            }
+        }
+        Err(e) => println!("TRACE {what} va={va} not mapped: {e:?}"),
+    }
+}
 
 /// The platform this kernel runs on, chosen at boot: an ordinary VM or a
 /// TD. One type for both, so the engine and everything that names it is the

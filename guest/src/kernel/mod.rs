@@ -392,17 +392,28 @@ fn report_tdx_counters() {
     );
 }
 
-/// Shows the seven steps once, on a test-area page.
+/// Shows the seven steps once, on a test-area page: a `TRACE` line as each
+/// step starts and one when the conversion is done, each with the page's
+/// entry (and, in a TD, the emulator's state of the page).
 fn trace_one_conversion() {
+    use set_memory_enc::Direction;
     let va =
         coco_pagetable::VirtAddr(memory::DIRECT_MAP_BASE + test_area().0 + 6 * (2 << 20) + 0x5000);
     println!("guest: one conversion, step by step (a 4K page inside a 2M leaf):");
-    engine::TRACE.store(true, core::sync::atomic::Ordering::SeqCst);
-    let shared = engine::engine().set_memory_shared(va, 1);
-    println!("  => {shared:?}");
-    let private = engine::engine().set_memory_private(va, 1);
-    println!("  => {private:?}");
-    engine::TRACE.store(false, core::sync::atomic::Ordering::SeqCst);
+    for direction in [Direction::ToShared, Direction::ToPrivate] {
+        engine::TRACE.store(true, core::sync::atomic::Ordering::SeqCst);
+        let result = engine::engine().convert(va, 1, direction);
+        engine::TRACE.store(false, core::sync::atomic::Ordering::SeqCst);
+        match result {
+            Ok(stats) => engine::trace_entry(
+                &format_args!("step=done result=ok splits={}", stats.splits),
+                direction,
+                va,
+                1,
+            ),
+            Err(e) => println!("TRACE step=done result=failed: {e:?}"),
+        }
+    }
 }
 
 /// The PVH command line (`-append`), copied at boot while it is reachable.

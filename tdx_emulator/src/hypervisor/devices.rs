@@ -8,6 +8,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use tdx_emulator::firmware;
+use tdx_emulator::model::PageState;
 
 /// Port and MMIO accesses to hardware the TD does not have.
 pub static ABSENT_IO: AtomicU64 = AtomicU64::new(0);
@@ -19,6 +20,11 @@ const COM1: core::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
 /// bracket a measurement (the Linux benchmark module does) and the harness
 /// takes differences. Not a device a real TD has: test instrumentation.
 pub const SNAPSHOT_PORT: u16 = 0xf8;
+/// The emulator's page-state probe: a 32-bit write of a GPA's page number
+/// (GPA >> 12) prints one `TDXEMU page=<gpa> state=<state> mapped=<alias>`
+/// line with the model's state of that page, which `make run` shows beside the guest's
+/// entry at each step of a conversion. Test instrumentation, as above.
+pub const PAGE_STATE_PORT: u16 = 0xfc;
 /// Keyboard controller command port: 0xFE pulses the reset line.
 const KBD_COMMAND: u16 = 0x64;
 /// The PCI reset control register: bit 2 with bit 1 resets.
@@ -53,6 +59,18 @@ pub fn port_io(port: u16, size: u8, write: bool, value: u32) -> Option<u32> {
     }
     if write && port == SNAPSHOT_PORT {
         super::print_counters_tagged(Some(value));
+        return None;
+    }
+    if write && port == PAGE_STATE_PORT {
+        let gpa = u64::from(value) << 12;
+        // The state, and which alias the nested tables map for it.
+        let (state, mapped) = match super::td().state(gpa) {
+            Some(PageState::Private) => ("private", "private"),
+            Some(PageState::Pending) => ("pending", "none"),
+            Some(PageState::Shared) => ("shared", "shared"),
+            None => ("outside", "none"),
+        };
+        bare::println!("TDXEMU page={gpa:#x} state={state} mapped={mapped}");
         return None;
     }
     if COM1.contains(&port) {

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod initramfs;
 pub mod linux;
 pub mod module;
+pub mod screen;
 
 /// How QEMU runs a program: the guest alone, the guest as a TD under the
 /// TDX-module emulator, or any kernel file either way.
@@ -456,6 +457,47 @@ fn shell_quote(word: &str) -> String {
     }
 }
 
+/// `text` without terminal control: escape sequences (SeaBIOS clears the
+/// screen and sets modes on the serial console: ESC c, ESC [ ... final
+/// byte, ESC ] ... BEL) and control characters but newline and tab (CR
+/// among them) are dropped, so a log prints as plain text.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                // CSI: parameters and intermediates, then a final byte in @..~.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' {
+                            break;
+                        }
+                        if c == '\x1b' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                // A two-character sequence (ESC c, ESC 7, ...).
+                _ => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// What a bounded run produced.
 #[derive(Debug)]
 pub struct Run {
@@ -503,7 +545,7 @@ pub fn run_guest(
         let _ = stderr.read_to_string(&mut errors);
     }
     let bytes = reader.join().unwrap_or_default();
-    let mut log = String::from_utf8_lossy(&bytes).replace('\r', "");
+    let mut log = printable(&String::from_utf8_lossy(&bytes));
     if !errors.is_empty() {
         log.push_str("\n[qemu stderr]\n");
         log.push_str(&errors);
@@ -557,8 +599,9 @@ pub fn parse_log(log: &str) -> Report {
             // at once, the counters can start mid-line ("#VETDXEMU ...").
             // Snapshots a TD asked for mid-run (`TDXEMU snapshot=<tag> ...`)
             // are not the run's totals.
+            // Nor are its page-state probes (`TDXEMU page=<gpa> ...`).
             let rest = &line[at + "TDXEMU ".len()..];
-            if !rest.starts_with("snapshot=") {
+            if !rest.starts_with("snapshot=") && !rest.starts_with("page=") {
                 parse_counters(rest, &mut report.tdx);
             }
         } else if let Some(rest) = line.strip_prefix("SUMMARY ") {
@@ -647,6 +690,21 @@ pub fn judge(run_exit: Option<i32>, report: &Report, expected: &[&str]) -> Resul
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn printable_drops_terminal_control_and_keeps_text() {
+        let seabios = "\x1bc\x1b[?7l\x1b[2J\x1b[0mSeaBIOS (version 1.16.2)\r\nBooting\x07 from ROM..\x1b]0;title\x07ok\tdone\n";
+        assert_eq!(
+            super::printable(seabios),
+            "SeaBIOS (version 1.16.2)\nBooting from ROM..ok\tdone\n"
+        );
+        assert_eq!(
+            super::printable("TDXEMU a=1 \u{e9}\n"),
+            "TDXEMU a=1 \u{e9}\n"
+        );
+        // A sequence cut off at the end of the log ends the text there.
+        assert_eq!(super::printable("x\x1b[12"), "x");
+    }
+
     use super::*;
 
     const GOOD: &str = "guest: booted\nPLAN 2\nTEST a ok\nTEST b ok\nSTRESS cpus=2 conversions=10000 fixups=5\nSUMMARY passed=2 failed=0\nTDXEMU ve_ept_violation=0 map_gpa_calls=7\n";

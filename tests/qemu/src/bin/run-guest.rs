@@ -10,6 +10,7 @@
 
 use qemu_harness::cli::{self, Args, USAGE};
 use qemu_harness::{Machine, TdKernel, EXIT_PASS, EXIT_TD_POWER_OFF};
+use std::io::{BufRead, Write};
 use std::process::{ExitCode, Stdio};
 use std::time::Instant;
 
@@ -38,16 +39,30 @@ fn main() -> ExitCode {
         args.timeout.as_secs(),
         qemu_harness::command_line(&command)
     );
-    // The console streams straight to the terminal; only the timeout needs
-    // watching here.
+    // The console streams to the terminal line by line, without the
+    // firmware's escape sequences (qemu_harness::printable).
     let started = Instant::now();
-    let mut child = match command.stdin(Stdio::null()).spawn() {
+    let mut child = match command.stdin(Stdio::null()).stdout(Stdio::piped()).spawn() {
         Ok(child) => child,
         Err(e) => {
             eprintln!("run-guest: error: starting qemu-system-x86_64: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let console = child.stdout.take().map(|stdout| {
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            let mut line = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                print!(
+                    "{}",
+                    qemu_harness::printable(&String::from_utf8_lossy(&line))
+                );
+                let _ = std::io::stdout().flush();
+                line.clear();
+            }
+        })
+    });
     let code = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status.code(),
@@ -64,6 +79,10 @@ fn main() -> ExitCode {
             }
         }
     };
+    if let Some(console) = console {
+        // QEMU is gone (or killed), so its stdout is at its end.
+        let _ = console.join();
+    }
     let meaning = qemu_harness::describe_exit(code);
     eprintln!(
         "run-guest: QEMU exit status {code:?} after {:.1?}: {meaning}",
