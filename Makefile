@@ -22,9 +22,9 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 TEST_LOG := target/test-output.log
 BARE_METAL_TARGET := x86_64-unknown-none
-LIBRARIES := -p coco-pagetable -p tdx_hypercall -p set_memory_enc
+LIBRARIES := -p coco-pagetable -p tdx_hypercall -p snp_hypercall -p set_memory_enc
 # What docs.rs documents ([package.metadata.docs.rs]): never negative-control.
-DOC_FEATURES := --features coco-pagetable/sim,tdx_hypercall/sim,set_memory_enc/sim,set_memory_enc/x86_64
+DOC_FEATURES := --features coco-pagetable/sim,tdx_hypercall/sim,snp_hypercall/sim,set_memory_enc/sim,set_memory_enc/x86_64
 BARE_METAL := $(LIBRARIES) -p bare -p guest -p tdx_emulator
 GUEST_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/guest
 EMULATOR_ELF := $(CURDIR)/target/$(BARE_METAL_TARGET)/release/tdx_emulator

@@ -1,4 +1,5 @@
 //! Platforms: what the hypervisor is told, and which C/S bit entries carry.
+//! [`NoCc`] (an ordinary VM), [`Tdx`], [`snp::Snp`] and [`vtom::HyperVVtom`].
 
 use crate::{Direction, GpaRun, NotifyError, Platform};
 use coco_pagetable::{CcMask, MaskError, PhysAddr};
@@ -7,6 +8,12 @@ use tdx_hypercall::{
     accept_range_counting, map_gpa_counting, vp_info, AcceptError, AcceptStats, Gpa,
     MapGpaErrorKind, MapGpaStats, MapTarget, TdCall, TdcallError,
 };
+
+pub mod snp;
+pub mod vtom;
+
+pub use snp::{PrivateWindow, Snp, SnpError};
+pub use vtom::{HvHypercall, HyperVVtom, VtomError};
 
 /// An ordinary VM: every step runs, no address bit changes, the hypervisor
 /// is not told. Shared state is kept in a software PTE bit so the state

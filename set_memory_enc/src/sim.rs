@@ -108,3 +108,44 @@ impl<P: Platform> Platform for RecordingPlatform<P> {
         self.inner.notify(run, direction)
     }
 }
+
+/// The SNP platform's private window over the fake SNP machine
+/// (`snp_hypercall::sim::FakeSnp`): one window address per size, as one
+/// CPU's, mapped and unmapped around each use. `refuse_2m`: no 2M window,
+/// as a kernel without one answers.
+pub struct SimWindow<'a> {
+    /// The fake machine, whose PVALIDATE reads the window's mapping.
+    pub snp: &'a snp_hypercall::sim::FakeSnp,
+    /// Answer every 2M request with `WindowUnavailable`.
+    pub refuse_2m: bool,
+}
+
+/// Where [`SimWindow`] maps a 4K frame (after a guard page) and a 2M one.
+pub const SIM_WINDOW_4K: u64 = 0xffff_fe00_0000_1000;
+/// See [`SIM_WINDOW_4K`].
+pub const SIM_WINDOW_2M: u64 = 0xffff_fe00_0020_0000;
+
+impl crate::platform::PrivateWindow for SimWindow<'_> {
+    fn with_frame(
+        &self,
+        frame: coco_pagetable::PhysAddr,
+        size: snp_hypercall::pvalidate::PageSize,
+        f: &mut dyn FnMut(VirtAddr),
+    ) -> Result<(), crate::platform::snp::WindowUnavailable> {
+        use snp_hypercall::pvalidate::PageSize;
+        let va = match size {
+            PageSize::Size4K => SIM_WINDOW_4K,
+            PageSize::Size2M if self.refuse_2m => {
+                return Err(crate::platform::snp::WindowUnavailable)
+            }
+            PageSize::Size2M => SIM_WINDOW_2M,
+        };
+        self.snp.map_window(va, frame.0, size);
+        f(VirtAddr(va));
+        self.snp.unmap_window(va);
+        Ok(())
+    }
+    fn zero(&self, va: VirtAddr, bytes: u64) {
+        self.snp.zero_window(va.0, bytes);
+    }
+}
