@@ -17,3 +17,5 @@ pub mod events;
 pub mod firmware;
 pub mod model;
 pub mod msr;
+mod page_slots;
+pub mod snp_model;

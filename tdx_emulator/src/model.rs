@@ -21,6 +21,7 @@
 //! page's state and its mappings change together for every vCPU. A reader that
 //! finds a page busy re-executes the access.
 
+use crate::page_slots::{self, BUSY};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 pub use tdx_hypercall::ve::exit_reason;
@@ -100,8 +101,6 @@ const KVM_ENOSYS: u64 = (-1000i64) as u64;
 
 const PAGE: u64 = 4096;
 const PAGE_2M: u64 = 2 << 20;
-/// Busy bit of a state byte: someone holds the page.
-const BUSY: u8 = 0x80;
 const STATE_MASK: u8 = 0x03;
 
 /// State of one 4K page of TD memory.
@@ -991,38 +990,23 @@ impl<'a> TdModel<'a> {
 
     /// Takes the page if no one holds it; its state then.
     fn try_hold(slot: &AtomicU8) -> Option<PageState> {
-        let byte = slot.load(Ordering::SeqCst);
-        if byte & BUSY != 0 {
-            return None;
-        }
-        slot.compare_exchange(byte, byte | BUSY, Ordering::SeqCst, Ordering::SeqCst)
-            .ok()
-            .map(PageState::from_byte)
+        page_slots::try_hold(slot).map(PageState::from_byte)
     }
 
     /// Takes the page, waiting while someone else holds it (a VMM action
     /// blocks rather than fails); its state then.
     fn hold(slot: &AtomicU8) -> PageState {
-        loop {
-            if let Some(state) = Self::try_hold(slot) {
-                return state;
-            }
-            core::hint::spin_loop();
-            // In host tests vCPUs are threads, and the holder may not be
-            // running: let it.
-            #[cfg(test)]
-            std::thread::yield_now();
-        }
+        PageState::from_byte(page_slots::hold(slot))
     }
 
     /// Releases a held page in `state`.
     fn release(slot: &AtomicU8, state: PageState) {
-        slot.store(state as u8, Ordering::SeqCst);
+        page_slots::release(slot, state as u8);
     }
 
     /// Releases a held page unchanged.
     fn release_unchanged(slot: &AtomicU8) {
-        slot.fetch_and(!BUSY, Ordering::SeqCst);
+        page_slots::release_unchanged(slot);
     }
 
     /// Sets the initial state of `[start, end)` (boot: the launch image
