@@ -169,6 +169,11 @@ impl<A: FrameAllocator<Size4KiB>> TableAllocator for LockedFrameAllocator<A> {
 
     fn free_table(&self, frame: PhysAddr) {
         let mut inner = self.inner.lock();
+        // A frame given back twice is kept once: handing it out twice
+        // would put two tables in one frame.
+        if inner.returned.contains(&Some(frame)) {
+            return;
+        }
         match inner.returned.iter_mut().find(|slot| slot.is_none()) {
             Some(slot) => *slot = Some(frame),
             None => inner.leaked += 1,

@@ -161,7 +161,19 @@ pub struct GpaRun {
 impl GpaRun {
     /// One past the last guest-physical address.
     pub const fn gpa_end(&self) -> PhysAddr {
-        PhysAddr(self.gpa.0 + self.bytes)
+        PhysAddr(self.gpa.0.saturating_add(self.bytes))
+    }
+    /// Whether the run is what the engine hands a platform: non-empty,
+    /// 4K-aligned, and inside the 52-bit physical address space. A
+    /// platform refuses anything else before it tells the hypervisor.
+    pub const fn is_well_formed(&self) -> bool {
+        self.bytes != 0
+            && self.gpa.0.is_multiple_of(PAGE_SIZE)
+            && self.bytes.is_multiple_of(PAGE_SIZE)
+            && match self.gpa.0.checked_add(self.bytes) {
+                Some(end) => end <= 1 << 52,
+                None => false,
+            }
     }
     /// Number of 4K pages.
     pub const fn pages(&self) -> u64 {
@@ -285,6 +297,9 @@ pub enum ConvError<E> {
     },
     /// Conversions were stopped ([`Converter::stop_conversions`]).
     Stopped,
+    /// [`Converter::retire`]: the range maps more than one contiguous run of
+    /// frames; the second starts here.
+    Discontiguous(VirtAddr),
     /// More than [`MAX_IN_FLIGHT`] conversions in progress.
     TooManyInFlight,
     /// No memory for the page tables a split needs.
@@ -476,15 +491,24 @@ where
     /// took the page; SEV-SNP: #VC 0x404, the hypervisor unvalidated it):
     /// its contents are gone and its state is the hypervisor's choice, so it
     /// is quarantined as a failed conversion's leftovers are, with `cause`
-    /// saying why. The pages may be in either state; a large leaf the range
-    /// covers partly is split first.
+    /// saying why. The pages may be in either state, and must map one
+    /// contiguous run of frames (a quarantine names one): retire each run on
+    /// its own. A large leaf the range covers partly is split first.
     pub fn retire(
         &self,
         va: VirtAddr,
         pages: u64,
         cause: P::Error,
     ) -> Result<Quarantine<P::Error>, ConvError<P::Error>> {
-        let (range, _reservation, _stats, runs) = self.prepare(va, pages, None)?;
+        let range = self.check_arguments(va, pages)?;
+        let _reservation = self.reserve(range)?;
+        let runs = self.check_source_state(range, None)?;
+        match runs.all().map(|mut all| all.nth(1).copied()) {
+            Some(None) => {}
+            Some(Some(second)) => return Err(ConvError::Discontiguous(second.va)),
+            None => return Err(ConvError::Discontiguous(va)),
+        }
+        self.split_boundaries(range)?;
         self.for_each_run(range, &runs, |run| {
             self.machine.remove_aliases(run);
             Ok(())

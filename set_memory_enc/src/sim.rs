@@ -125,6 +125,7 @@ pub const SIM_WINDOW_4K: u64 = 0xffff_fe00_0000_1000;
 /// See [`SIM_WINDOW_4K`].
 pub const SIM_WINDOW_2M: u64 = 0xffff_fe00_0020_0000;
 
+#[allow(unsafe_code)]
 impl crate::platform::PrivateWindow for SimWindow<'_> {
     fn with_frame(
         &self,
@@ -145,7 +146,8 @@ impl crate::platform::PrivateWindow for SimWindow<'_> {
         self.snp.unmap_window(va);
         Ok(())
     }
-    fn zero(&self, va: VirtAddr, bytes: u64) {
+    /// Safe in fact: the fake's window is bookkeeping.
+    unsafe fn zero(&self, va: VirtAddr, bytes: u64) {
         self.snp.zero_window(va.0, bytes);
     }
 }

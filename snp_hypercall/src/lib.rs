@@ -34,6 +34,7 @@ pub mod pvalidate;
 pub mod sim;
 
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests;
 
 /// CPUID leaf of the memory-encryption features (EAX: bit 1 SEV, 3 SEV-ES,

@@ -50,7 +50,10 @@ pub enum PageOp {
 /// One GHCB MSR exchange: write `request` to the MSR, VMGEXIT, return what
 /// the MSR holds then. The kernel implements it (WRMSR, `rep vmmcall`,
 /// RDMSR, with interrupts off so no #VC handler changes the MSR between);
-/// host tests use [`crate::sim`].
+/// host tests use [`crate::sim`]. When a GHCB page is registered, the
+/// implementation must write its GPA back to the MSR after reading the
+/// response (as Linux does after an MSR-protocol request), or the next
+/// GHCB NAE reaches the hypervisor as an unknown MSR request.
 pub trait GhcbMsr {
     /// The exchange.
     fn exchange(&self, request: u64) -> u64;

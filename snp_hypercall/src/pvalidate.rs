@@ -4,6 +4,10 @@
 //! RMP's Validated bit did not change (AMD APM vol. 2, 15.36; Linux
 //! `pvalidate()`). The address is translated as a one-byte read, so it needs
 //! a present private (C=1) mapping.
+//!
+//! The crate's only unsafe code: changing a page's validation is unsafe for
+//! the memory it names, and the instruction itself is one `asm!` block.
+#![allow(unsafe_code)]
 
 /// PVALIDATE's page size operand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,13 +40,21 @@ pub struct PvalidateOutcome {
 /// The PVALIDATE instruction, injected: [`PvalidateInstruction`] runs the
 /// real one; host tests use [`crate::sim`].
 pub trait Pvalidate {
-    /// PVALIDATE of the page mapped at `va`.
-    fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome;
+    /// PVALIDATE of the page (or 2M block) mapped at `va`.
+    ///
+    /// # Safety
+    /// `va` maps, through a present private (C=1) mapping, the memory the
+    /// caller means to change, and nothing uses that memory while its
+    /// validation changes: rescinding memory in use makes its next private
+    /// access a #VC, and the contents of memory just validated are the
+    /// hypervisor's until the caller overwrites them.
+    unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome;
 }
 
 impl<T: Pvalidate + ?Sized> Pvalidate for &T {
-    fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome {
-        (**self).pvalidate(va, size, validate)
+    unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).pvalidate(va, size, validate) }
     }
 }
 
@@ -72,13 +84,17 @@ pub enum PvalidateError {
 }
 
 /// PVALIDATE, with the outcome checked.
-pub fn pvalidate(
+///
+/// # Safety
+/// As [`Pvalidate::pvalidate`].
+pub unsafe fn pvalidate(
     instruction: &impl Pvalidate,
     va: u64,
     size: PageSize,
     validate: bool,
 ) -> Result<(), PvalidateError> {
-    let outcome = instruction.pvalidate(va, size, validate);
+    // SAFETY: the caller's promise, passed on.
+    let outcome = unsafe { instruction.pvalidate(va, size, validate) };
     match outcome.rc {
         rc::SUCCESS if outcome.unchanged => Err(PvalidateError::Unchanged),
         rc::SUCCESS => Ok(()),
@@ -99,30 +115,29 @@ pub struct PvalidateInstruction {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
 impl PvalidateInstruction {
     /// Creates the handle.
     ///
     /// # Safety
     /// The caller must run in an SEV-SNP guest, at CPL 0 (elsewhere the
-    /// instruction raises #UD or #GP). Each later call must name a page
-    /// that nothing else uses while its validation changes: rescinding a
-    /// page in use makes its next private access a #VC.
+    /// instruction raises #UD or #GP). Each call has its own contract
+    /// ([`Pvalidate::pvalidate`]).
     pub unsafe fn new() -> Self {
         PvalidateInstruction { _private: () }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
 impl Pvalidate for PvalidateInstruction {
-    fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome {
+    unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome {
         let rc: u64;
         let unchanged: u8;
         // SAFETY: a `PvalidateInstruction` exists only if its creator
         // promised an SNP guest at CPL 0 (`new`), where the instruction is
-        // defined; it reads RAX, ECX, EDX, writes EAX and the flags, and
-        // touches no memory the compiler knows (its effect is on the RMP).
+        // defined; the memory it changes the validation of is the caller's
+        // to change (this method's contract). It reads RAX, ECX, EDX,
+        // writes EAX and the flags, and touches no memory the compiler
+        // knows (its effect is on the RMP).
         // Deliberately no `nomem`: it must be a compiler memory barrier,
         // since it changes whether the page's private contents can be
         // reached; no access to the page may move across it.

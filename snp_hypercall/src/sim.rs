@@ -270,8 +270,10 @@ impl GhcbPsc for FakeSnp {
     }
 }
 
+#[allow(unsafe_code)]
 impl Pvalidate for FakeSnp {
-    fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome {
+    /// Safe in fact: the fake changes only its own RMP.
+    unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> PvalidateOutcome {
         self.with(|i| {
             let fail = |rc| PvalidateOutcome {
                 rc,

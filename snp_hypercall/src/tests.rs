@@ -2,7 +2,7 @@ use crate::msr::{self, GhcbMsr, MsrError, PageOp};
 use crate::psc::{
     psc_range, GhcbPsc, PscDesc, PscEntry, PscErrorKind, PscStats, PSC_MAX_STALLED_CALLS,
 };
-use crate::pvalidate::{pvalidate, PageSize, PvalidateError};
+use crate::pvalidate::{PageSize, PvalidateError};
 use crate::sim::{Call, FakeSnp, RmpState};
 use crate::{c_bit_from_cpuid, CpuidError};
 
@@ -219,6 +219,17 @@ fn psc_answers_that_break_the_protocol_are_refused() {
     }
 }
 
+/// PVALIDATE through the fake, whose windows are bookkeeping only.
+fn pvalidate(
+    fake: &FakeSnp,
+    va: u64,
+    size: PageSize,
+    validate: bool,
+) -> Result<(), PvalidateError> {
+    // SAFETY: the fake changes only its own RMP; no memory is involved.
+    unsafe { crate::pvalidate::pvalidate(fake, va, size, validate) }
+}
+
 #[test]
 fn pvalidate_outcomes_become_typed_errors() {
     let fake = FakeSnp::new(51);
@@ -232,7 +243,7 @@ fn pvalidate_outcomes_become_typed_errors() {
         Err(PvalidateError::Unchanged)
     );
     assert_eq!(pvalidate(&fake, window, PageSize::Size4K, true), Ok(()));
-    // 2M against a 4K RMP, and an unaligned 2M request.
+    // 2M against a 4K RMP.
     fake.map_window(window + MIB2, MIB2, PageSize::Size2M);
     assert_eq!(
         pvalidate(&fake, window + MIB2, PageSize::Size2M, false),
@@ -243,8 +254,14 @@ fn pvalidate_outcomes_become_typed_errors() {
         pvalidate(&fake, window + MIB2, PageSize::Size2M, false),
         Ok(())
     );
+    // 2M through a 4K window, and a 2M request at an address not 2M-aligned.
     assert_eq!(
         pvalidate(&fake, window, PageSize::Size2M, true),
+        Err(PvalidateError::Input)
+    );
+    fake.map_window(window + 4096, 2 * MIB2, PageSize::Size2M);
+    assert_eq!(
+        pvalidate(&fake, window + 4096, PageSize::Size2M, true),
         Err(PvalidateError::Input)
     );
     fake.pvalidate_fail_at(0x5000, 9);

@@ -33,6 +33,9 @@ pub const IST_STACK: u64 = 16 * 1024;
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
 /// The page APs start in (real mode: below 1 MiB).
 pub const TRAMPOLINE_PAGE: u64 = 0x8000;
+/// The boot identity map covers `[0, IDENTITY_MAPPED_END)` (bare/src/boot.rs);
+/// no frame from it up is handed out.
+pub const IDENTITY_MAPPED_END: u64 = 4 << 30;
 /// Frames below this are never handed out (BIOS data, trampoline, boot info).
 pub const LOW_MEMORY_END: u64 = 0x10_0000;
 
@@ -49,11 +52,12 @@ pub fn phys_to_virt(pa: u64) -> u64 {
 /// boot identity map): `PHYS_OFFSET` says which.
 pub type DirectMap = coco_pagetable::OffsetTableMemory;
 /// The kernel's page-table memory.
-// SAFETY: all RAM (every table frame and every frame FRAMES hands out) is
-// mapped read-write at `physical + PHYS_OFFSET`: at 0 by the boot identity
-// map, and at DIRECT_MAP_BASE by our own tables, which direct-map all RAM
-// and are loaded before PHYS_OFFSET changes (`switch_to`).
-// Entries are only accessed atomically, here and by the CPU's walker.
+// SAFETY: every table frame (the boot tables' and every frame FRAMES hands
+// out, all below IDENTITY_MAPPED_END) is mapped read-write at `physical +
+// PHYS_OFFSET`: at 0 by the boot identity map of the low 4 GiB, and at
+// DIRECT_MAP_BASE by our own tables, which direct-map all RAM and are loaded
+// before PHYS_OFFSET changes (`switch_to`). Entries are only accessed
+// atomically, here and by the CPU's walker.
 pub const DIRECT_MAP: DirectMap = unsafe { DirectMap::with_shared_offset(&PHYS_OFFSET) };
 
 /// Usable RAM, as the boot memory map says.
@@ -97,10 +101,12 @@ impl FrameAllocator {
         }
     }
 
-    /// Adds RAM `[start, end)`, minus low memory and `[reserved_start, reserved_end)`.
+    /// Adds RAM `[start, end)`, minus low memory, `[reserved_start,
+    /// reserved_end)` and anything from 4 GiB up: frames are handed out
+    /// while the boot identity map (the low 4 GiB) is how RAM is reached.
     pub fn add_ram(&self, start: u64, end: u64, reserved_start: u64, reserved_end: u64) {
         let start = align_up(start.max(LOW_MEMORY_END), PAGE_SIZE);
-        let end = end & !(PAGE_SIZE - 1);
+        let end = (end & !(PAGE_SIZE - 1)).min(IDENTITY_MAPPED_END);
         let mut state = self.inner.lock();
         for (s, e) in [
             (start, end.min(reserved_start)),

@@ -16,6 +16,8 @@
 //! error are a broken or hostile hypervisor: the pages whose state is then
 //! unknown are quarantined, never reused.
 
+#![allow(unsafe_code)] // PVALIDATE and the window's zeroing, each with its SAFETY.
+
 use crate::{Direction, GpaRun, NotifyError, Platform};
 use coco_pagetable::{CcMask, MaskError, PhysAddr, VirtAddr};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -45,9 +47,13 @@ pub trait PrivateWindow {
         size: PageSize,
         f: &mut dyn FnMut(VirtAddr),
     ) -> Result<(), WindowUnavailable>;
-    /// Zeroes `bytes` at `va`, an address [`PrivateWindow::with_frame`]
-    /// passed to its closure, while it is mapped.
-    fn zero(&self, va: VirtAddr, bytes: u64);
+    /// Zeroes `bytes` at `va`.
+    ///
+    /// # Safety
+    /// `va` and `bytes` are the address and size [`PrivateWindow::with_frame`]
+    /// passed to the closure that calls this, while it runs (the window is
+    /// mapped, and only this CPU uses it).
+    unsafe fn zero(&self, va: VirtAddr, bytes: u64);
 }
 
 impl<T: PrivateWindow + ?Sized> PrivateWindow for &T {
@@ -59,14 +65,18 @@ impl<T: PrivateWindow + ?Sized> PrivateWindow for &T {
     ) -> Result<(), WindowUnavailable> {
         (**self).with_frame(frame, size, f)
     }
-    fn zero(&self, va: VirtAddr, bytes: u64) {
-        (**self).zero(va, bytes)
+    unsafe fn zero(&self, va: VirtAddr, bytes: u64) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).zero(va, bytes) }
     }
 }
 
 /// Why an SNP notification failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnpError {
+    /// The run is not one the engine makes (empty, unaligned, past 2^52):
+    /// refused before anything is asked of the hypervisor.
+    BadRun,
     /// The GHCB-page page state change stopped.
     Psc(PscErrorKind),
     /// The MSR-protocol page state change (one page) was refused.
@@ -78,7 +88,8 @@ pub enum SnpError {
         /// What it returned.
         error: PvalidateError,
     },
-    /// The kernel could not map its 4K window for the page at `gpa`.
+    /// The kernel could not map its window for the page at `gpa` (or did
+    /// not run the PVALIDATE through it).
     Window {
         /// The page.
         gpa: u64,
@@ -199,13 +210,22 @@ impl<H: GhcbMsr + GhcbPsc, V: Pvalidate, W: PrivateWindow> Snp<H, V, W> {
     }
 
     fn pvalidate_one(&self, gpa: u64, size: PageSize, validate: bool) -> Result<(), SnpError> {
-        let mut result = Ok(());
+        // Not done until the closure says so: a window that returns without
+        // calling it leaves the page as it was.
+        let mut result = Err(SnpError::Window { gpa });
         let mapped = self.window.with_frame(PhysAddr(gpa), size, &mut |va| {
-            result = pvalidate(&self.pvalidate, va.0, size, validate)
+            // SAFETY: `va` is the window, mapping `gpa` private for this
+            // closure only (PrivateWindow's contract), and the memory is
+            // this conversion's: its entries are non-present and the engine
+            // reserved the range, so nothing else uses it while its
+            // validation changes; validated memory is zeroed before use.
+            result = unsafe { pvalidate(&self.pvalidate, va.0, size, validate) }
                 .map_err(|error| SnpError::Pvalidate { gpa, error });
             if result.is_ok() && validate {
                 // Validated: the page's contents were the hypervisor's.
-                self.window.zero(va, size.bytes());
+                // SAFETY: the window and size with_frame passed, inside its
+                // closure.
+                unsafe { self.window.zero(va, size.bytes()) };
             }
         });
         if mapped.is_err() {
@@ -243,6 +263,9 @@ impl<H: GhcbMsr + GhcbPsc, V: Pvalidate, W: PrivateWindow> Platform for Snp<H, V
                 cause,
             })
         };
+        if !run.is_well_formed() {
+            return failed(start, SnpError::BadRun);
+        }
         match direction {
             Direction::ToShared => {
                 // Rescind strictly before the hypervisor takes the pages. A

@@ -53,6 +53,9 @@ impl<T: HvHypercall + ?Sized> HvHypercall for &T {
 /// Why a host-visibility change failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VtomError {
+    /// The run is not one the engine makes (empty, unaligned, past 2^52):
+    /// refused before any hypercall.
+    BadRun,
     /// The hypercall's status (not HV_STATUS_SUCCESS).
     Status(u16),
     /// Reps completed outside `[rep start, rep count]`.
@@ -152,6 +155,12 @@ impl<H: HvHypercall> Platform for HyperVVtom<H> {
             Direction::ToShared => visibility::READ_WRITE,
             Direction::ToPrivate => visibility::NOT_VISIBLE,
         };
+        if !run.is_well_formed() {
+            return Err(NotifyError {
+                consistent_up_to: run.gpa,
+                cause: VtomError::BadRun,
+            });
+        }
         let pages = run.bytes / 4096;
         let first = run.gpa.0 / 4096;
         let mut sent = 0u64;

@@ -46,6 +46,7 @@ fn snp_seven_steps_in_order_with_the_c_bit_private() {
     assert_eq!(cc.private_bits(), 1 << C_BIT);
     // Caches are flushed both ways unless the CPU says they are coherent.
     assert!(w.engine.platform().needs_cache_flush(Direction::ToPrivate));
+    assert!(w.engine.platform().needs_cache_flush(Direction::ToShared));
     check_all_orders(&w);
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());
     assert_eq!(fake.state(GIB + 4096), RmpState::PrivateValidated);
@@ -100,12 +101,18 @@ fn snp_uses_2m_pvalidate_where_the_rmp_and_the_window_allow() {
         .set_memory_shared(VirtAddr(DMAP + 8 * MIB2), 1024)
         .unwrap();
     assert_eq!(snp_counters(&w), [1, 0, 1024, 0, 2]);
-    // A 2M RMP: one PVALIDATE per block, 2M PSC entries.
+    // A 2M RMP: one PVALIDATE per block; the PSC has two 2M entries.
     fake.set_rmp_2m(true);
     w.engine
         .set_memory_private(VirtAddr(DMAP + 8 * MIB2), 1024)
         .unwrap();
     assert_eq!(snp_counters(&w), [2, 0, 1024, 2, 2]);
+    assert!(
+        fake.calls()
+            .iter()
+            .all(|c| !matches!(c, Call::Psc(_, n) if *n != 2)),
+        "each PSC has the two 2M entries"
+    );
     assert!(fake.zeroed(8 * MIB2 + MIB2 + 5 * PAGE_SIZE));
     // No 2M window: 4K even though the RMP would take 2M.
     let (_, w) = snp_world(true);
@@ -289,6 +296,8 @@ fn vtom_seven_steps_in_order_with_vtom_as_the_shared_bit() {
     let hv: &'static FakeHyperV = Box::leak(Box::default());
     let w = vtom_world(hv);
     assert_eq!(w.engine.tables().cc_mask().shared_bits(), 1 << 46);
+    assert!(!w.engine.platform().needs_cache_flush(Direction::ToShared));
+    assert!(!w.engine.platform().needs_cache_flush(Direction::ToPrivate));
     check_all_orders(&w);
     assert_eq!(
         hv.visible.lock().unwrap().get(&(GIB / PAGE_SIZE + 77)),
@@ -390,6 +399,41 @@ fn vtom_failures_quarantine_from_the_first_page_not_done() {
     };
     assert_eq!(q.cause, VtomError::NoProgress);
     assert_eq!(stuck.calls.lock().unwrap().len(), 16);
+}
+
+/// A run the engine would never make is refused before the hypervisor
+/// hears of it: nothing rescinded, no PSC, no hypercall.
+#[test]
+fn snp_and_vtom_refuse_malformed_runs_without_a_call() {
+    let (fake, w) = snp_world(false);
+    let hv: &'static FakeHyperV = Box::leak(Box::default());
+    let vtom = HyperVVtom::new(46, hv).unwrap();
+    let run = |gpa: u64, bytes: u64| GpaRun {
+        va: VirtAddr(VMAP),
+        gpa: PhysAddr(gpa),
+        bytes,
+    };
+    for run in [
+        run(0x1000, 0),
+        run(0x1008, 4096),
+        run(0x1000, 100),
+        run(u64::MAX - 4095, 8192),
+        run(1 << 52, 4096),
+    ] {
+        for direction in [Direction::ToShared, Direction::ToPrivate] {
+            let e = w
+                .engine
+                .platform()
+                .inner
+                .notify(&run, direction)
+                .unwrap_err();
+            assert_eq!((e.consistent_up_to, e.cause), (run.gpa, SnpError::BadRun));
+            let e = vtom.notify(&run, direction).unwrap_err();
+            assert_eq!((e.consistent_up_to, e.cause), (run.gpa, VtomError::BadRun));
+        }
+    }
+    assert!(fake.calls().is_empty());
+    assert!(hv.calls.lock().unwrap().is_empty());
 }
 
 #[test]
