@@ -68,7 +68,7 @@ impl Narrator {
             let leaf = pt.lookup_address(VirtAddr(va)).expect("mapped");
             parts.push(format!(
                 "{} {}{}",
-                leaf.level.page_size_name(),
+                leaf.level().page_size_name(),
                 if leaf.entry.is_present() { "P" } else { "-" },
                 if cc.is_shared(leaf.entry) { "S" } else { "p" }
             ));
@@ -127,9 +127,14 @@ fn main() {
         in_step: Mutex::new(false),
     }));
     let platform = Tdx::new(tdx.clone()).expect("TDG.VP.INFO");
-    let engine = Converter::new(mem, root, PagingMode::FourLevel, mem, narrator, platform);
+    // SAFETY: a zeroed root of the simulated memory, which also allocates;
+    // the narrator's view below reads the same tables.
+    let engine =
+        unsafe { Converter::new(mem, root, PagingMode::FourLevel, mem, narrator, platform) };
     let cc = engine.tables().cc_mask();
-    *narrator.tables.lock().unwrap() = Some(PageTables::new(mem, root, PagingMode::FourLevel, cc));
+    // SAFETY: as above.
+    *narrator.tables.lock().unwrap() =
+        Some(unsafe { PageTables::new(mem, root, PagingMode::FourLevel, cc) });
     narrator.step_done();
     println!(
         "TD with GPAW 48: shared bit {:#x} (from TDG.VP.INFO); 16 MiB direct map of 2M leaves",

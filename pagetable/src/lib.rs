@@ -41,4 +41,5 @@ pub use tables::{Leaf, LeafSpan, PageTables, TableAllocator, TableError, TableMe
 #[allow(unsafe_code)]
 mod offset_tests;
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests;

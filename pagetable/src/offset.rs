@@ -29,9 +29,11 @@ impl OffsetTableMemory {
     ///
     /// # Safety
     /// For as long as the value (or a copy) is used, every page-table frame
-    /// the tables reach, and every frame their allocator hands out, must be
-    /// RAM mapped readable and writable at `physical + offset`, and reached
-    /// by nothing but atomic accesses and the CPU's page walker.
+    /// of the hierarchies it serves, and every frame their allocator hands
+    /// out, must be RAM mapped readable and writable at `physical + offset`,
+    /// and no one may access those frames but atomically (the CPU's page
+    /// walker included); a kernel's mapper (an `OffsetPageTable`) may
+    /// change them only while nothing uses this value.
     pub const unsafe fn new(offset: u64) -> OffsetTableMemory {
         OffsetTableMemory {
             offset: Offset::Fixed(offset),
@@ -58,35 +60,48 @@ impl OffsetTableMemory {
         }
     }
 
-    fn entry(&self, table: PhysAddr, index: usize) -> &AtomicU64 {
+    /// The entry, as an atomic.
+    ///
+    /// # Safety
+    /// `table` is a page-table frame of the hierarchy this memory serves
+    /// (TableMemory's contract on its callers).
+    unsafe fn entry(&self, table: PhysAddr, index: usize) -> &AtomicU64 {
         // The index wraps inside the table: no access ever leaves its frame.
         let within = (index as u64 % 512) * 8;
         let address = (table.0 & !0xfff).wrapping_add(self.offset()) + within;
-        // SAFETY: `table` is a page-table frame (the root, a pointer read
-        // from these tables or a frame their allocator returned), so by the
-        // constructor's contract it is RAM mapped read-write at `physical +
-        // offset` for as long as `self` is used, and only accessed
+        // SAFETY: `table` is a page-table frame (this function's contract),
+        // so by the constructor's contract it is RAM mapped read-write at
+        // `physical + offset` while `self` is used, and only accessed
         // atomically. An entry is 8-byte aligned (a page-aligned frame plus
         // a multiple of 8) and lies inside that frame.
         unsafe { AtomicU64::from_ptr(address as *mut u64) }
     }
 }
 
-impl TableMemory for OffsetTableMemory {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
-        self.entry(table, index).load(Ordering::SeqCst)
+// SAFETY: each method is one SeqCst atomic access to entry `index` of the
+// table at `table`, through the mapping the constructor's contract provides.
+unsafe impl TableMemory for OffsetTableMemory {
+    unsafe fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        // SAFETY: the caller names a table frame (TableMemory's contract).
+        unsafe { self.entry(table, index) }.load(Ordering::SeqCst)
     }
-    fn compare_exchange(
+    unsafe fn compare_exchange(
         &self,
         table: PhysAddr,
         index: usize,
         current: u64,
         new: u64,
     ) -> Result<u64, u64> {
-        self.entry(table, index)
-            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+        // SAFETY: as for `load`.
+        unsafe { self.entry(table, index) }.compare_exchange(
+            current,
+            new,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
     }
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
-        self.entry(table, index).store(value, Ordering::SeqCst)
+    unsafe fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+        // SAFETY: as for `load`.
+        unsafe { self.entry(table, index) }.store(value, Ordering::SeqCst)
     }
 }

@@ -52,12 +52,14 @@ struct Bump<'a> {
     next: std::sync::atomic::AtomicUsize,
 }
 
-impl TableAllocator for Bump<'_> {
+// SAFETY: frames 1.. of the test's host RAM, each handed out once, all
+// reached by the tests' OffsetTableMemory.
+unsafe impl TableAllocator for Bump<'_> {
     fn allocate_table(&self) -> Option<PhysAddr> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         (n < self.ram.frames).then(|| self.ram.frame(n))
     }
-    fn free_table(&self, _frame: PhysAddr) {}
+    unsafe fn free_table(&self, _frame: PhysAddr) {}
 }
 
 #[test]
@@ -66,16 +68,21 @@ fn offset_table_memory_reaches_entries_at_physical_plus_offset() {
     // SAFETY: every frame the tables use is one of `ram`'s, alive for the
     // test and mapped at `physical + ram.offset()`.
     let memory = unsafe { OffsetTableMemory::new(ram.offset()) };
-    memory.store_unpublished(ram.frame(2), 5, 0xabc);
+    let frame = ram.frame(2);
+    // SAFETY (these five): frame 2 is one of the tables' frames here.
+    unsafe { memory.store_unpublished(frame, 5, 0xabc) };
     assert_eq!(ram.word(2, 5), 0xabc);
-    assert_eq!(memory.load(ram.frame(2), 5), 0xabc);
-    assert_eq!(memory.compare_exchange(ram.frame(2), 5, 1, 2), Err(0xabc));
+    assert_eq!(unsafe { memory.load(frame, 5) }, 0xabc);
     assert_eq!(
-        memory.compare_exchange(ram.frame(2), 5, 0xabc, 7),
+        unsafe { memory.compare_exchange(frame, 5, 1, 2) },
+        Err(0xabc)
+    );
+    assert_eq!(
+        unsafe { memory.compare_exchange(frame, 5, 0xabc, 7) },
         Ok(0xabc)
     );
     // An index wraps inside its table, never into the next frame.
-    assert_eq!(memory.load(ram.frame(2), 512 + 5), 7);
+    assert_eq!(unsafe { memory.load(frame, 512 + 5) }, 7);
     assert_eq!(ram.word(3, 5), 0);
 
     // A walker over it: map, make non-present, still found.
@@ -83,7 +90,8 @@ fn offset_table_memory_reaches_entries_at_physical_plus_offset() {
         ram: &ram,
         next: 3.into(),
     };
-    let pt = PageTables::new(memory, ram.frame(0), PagingMode::FourLevel, CcMask::NONE);
+    // SAFETY: frame 0 is a zeroed root in `ram`, whose frames `memory` reaches.
+    let pt = unsafe { PageTables::new(memory, ram.frame(0), PagingMode::FourLevel, CcMask::NONE) };
     let va = VirtAddr(0xffff_8880_0020_3000);
     pt.map_leaf(
         va,
@@ -105,7 +113,7 @@ fn offset_table_memory_reaches_entries_at_physical_plus_offset() {
     let leaf = pt.lookup_address(va).unwrap();
     assert!(!leaf.entry.is_present());
     assert_eq!(
-        CcMask::NONE.leaf_frame(leaf.entry, leaf.level),
+        CcMask::NONE.leaf_frame(leaf.entry, leaf.level()),
         PhysAddr(0x4321_0000)
     );
 
@@ -115,10 +123,16 @@ fn offset_table_memory_reaches_entries_at_physical_plus_offset() {
     OFFSET.store(ram.offset(), std::sync::atomic::Ordering::SeqCst);
     // SAFETY: as above for every value OFFSET holds while `moving` is used.
     let moving = unsafe { OffsetTableMemory::with_shared_offset(&OFFSET) };
-    assert_eq!(moving.load(ram.frame(2), 5), 7);
+    // SAFETY: frames 1 and 2 are the test's table frames.
+    assert_eq!(unsafe { moving.load(ram.frame(2), 5) }, 7);
     OFFSET.store(ram.offset() + 4096, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(moving.offset(), ram.offset() + 4096);
-    assert_eq!(moving.load(ram.frame(1), 5), 7, "frame 1 now reads frame 2");
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { moving.load(ram.frame(1), 5) },
+        7,
+        "frame 1 now reads frame 2"
+    );
 }
 
 #[cfg(feature = "x86_64")]
@@ -214,10 +228,12 @@ mod x86_64_interop {
     #[test]
     fn locked_allocator_reuses_given_back_frames_and_counts_the_rest() {
         let ram = HostRam::new(16);
-        let frames = LockedFrameAllocator::new(BootFrames { ram: &ram, next: 1 });
+        // SAFETY: BootFrames hands out `ram`'s frames, which the tests'
+        // OffsetTableMemory reaches.
+        let frames = unsafe { LockedFrameAllocator::new(BootFrames { ram: &ram, next: 1 }) };
         let a = frames.allocate_table().unwrap();
         assert_eq!(a, ram.frame(1));
-        frames.free_table(a);
+        unsafe { frames.free_table(a) };
         assert_eq!(
             frames.allocate_table(),
             Some(a),
@@ -226,12 +242,10 @@ mod x86_64_interop {
         let taken: Vec<_> = (0..9).map(|_| frames.allocate_table().unwrap()).collect();
         assert_eq!(taken[0], ram.frame(2));
         for frame in &taken {
-            frames.free_table(*frame);
+            // SAFETY: allocated above, never linked, given back once.
+            unsafe { frames.free_table(*frame) };
         }
         assert_eq!(frames.leaked(), 1, "8 kept, the 9th leaked");
-        // A frame given back twice is kept once.
-        frames.free_table(taken[0]);
-        assert_eq!(frames.leaked(), 1);
         let mut again: Vec<_> = (0..8).map(|_| frames.allocate_table().unwrap()).collect();
         again.sort();
         assert_eq!(
@@ -257,32 +271,42 @@ mod x86_64_interop {
     fn tables_an_offset_page_table_built_are_walked_and_changed_here() {
         use x86_64::structures::paging::mapper::{Translate, TranslateResult};
         let ram = HostRam::new(16);
-        let frames = LockedFrameAllocator::new(BootFrames { ram: &ram, next: 1 });
+        // SAFETY: BootFrames hands out `ram`'s frames, which the tests'
+        // OffsetTableMemory reaches.
+        let frames = unsafe { LockedFrameAllocator::new(BootFrames { ram: &ram, next: 1 }) };
         let offset = x86_64::VirtAddr::new(ram.offset());
         let root = ram.frame(0);
-        // SAFETY: frame 0 is a zeroed table at `physical + offset`, and all of
-        // `ram` is mapped at that offset for the life of the test.
-        let mut mapper = unsafe {
-            let level_4 = &mut *((root.0 + ram.offset()) as *mut PageTable);
-            OffsetPageTable::new(level_4, offset)
+        // A mapper over the tables, made when it is used and dropped before
+        // this crate touches them: its `&mut PageTable` must be the only
+        // way to them while it lives.
+        let mapper = || {
+            // SAFETY: frame 0 is a table at `physical + offset`, all of `ram`
+            // is mapped at that offset, and no other reference to it lives
+            // while the mapper does (each use below ends before `pt` runs).
+            unsafe {
+                let level_4 = &mut *((root.0 + ram.offset()) as *mut PageTable);
+                OffsetPageTable::new(level_4, offset)
+            }
         };
         let page = Page::<Size4KiB>::try_from(VirtAddr(0xffff_c900_0000_5000)).unwrap();
         let buffer = PhysFrame::<Size4KiB>::try_from(PhysAddr(0x7654_3000)).unwrap();
         let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
         frames.with(|boot| {
             // SAFETY: the frame is not mapped anywhere else.
-            unsafe { mapper.map_to(page, buffer, flags, boot) }
+            unsafe { mapper().map_to(page, buffer, flags, boot) }
                 .unwrap()
                 .ignore()
         });
 
         // SAFETY: as for the mapper above.
         let memory = unsafe { OffsetTableMemory::new(offset.as_u64()) };
-        let pt = PageTables::new(memory, root, PagingMode::FourLevel, CcMask::NONE);
+        // SAFETY: the mapper built a hierarchy of `ram`'s frames at `root`; no
+        // mapper lives while `pt` reads or changes it.
+        let pt = unsafe { PageTables::new(memory, root, PagingMode::FourLevel, CcMask::NONE) };
         let leaf = pt.lookup_address(page.into()).unwrap();
-        assert_eq!(leaf.level, Level::Pt);
+        assert_eq!(leaf.level(), Level::Pt);
         assert_eq!(
-            CcMask::NONE.leaf_frame(leaf.entry, leaf.level),
+            CcMask::NONE.leaf_frame(leaf.entry, leaf.level()),
             buffer.into()
         );
         assert_eq!(
@@ -303,7 +327,7 @@ mod x86_64_interop {
         .unwrap();
         let ours = x86_64::VirtAddr::try_from(va).unwrap();
         assert_eq!(
-            mapper.translate_addr(ours + 0x1234u64),
+            mapper().translate_addr(ours + 0x1234u64),
             Some(x86_64::PhysAddr::new(0x1_0000_1234))
         );
         // Made non-present here: the mapper sees PRESENT gone (its
@@ -311,7 +335,7 @@ mod x86_64_interop {
         // we still see the frame.
         pt.update_leaf(&leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
             .unwrap();
-        match mapper.translate(page.start_address()) {
+        match mapper().translate(page.start_address()) {
             TranslateResult::Mapped { frame, flags, .. } => {
                 assert_eq!(frame.start_address(), buffer.start_address());
                 assert!(!flags.contains(PageTableFlags::PRESENT), "{flags:?}");
@@ -320,7 +344,7 @@ mod x86_64_interop {
         }
         let leaf = pt.lookup_address(page.into()).unwrap();
         assert_eq!(
-            CcMask::NONE.leaf_frame(leaf.entry, leaf.level),
+            CcMask::NONE.leaf_frame(leaf.entry, leaf.level()),
             buffer.into()
         );
     }

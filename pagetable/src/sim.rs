@@ -1,6 +1,7 @@
 //! Test doubles: simulated physical memory for page tables, and a frame
 //! allocator over it. They let host tests run the real walker, splitter and
 //! engine. Std-based; enabled by the `sim` feature.
+#![allow(unsafe_code)] // the TableMemory/TableAllocator impls, each with its SAFETY
 
 use crate::addr::{PhysAddr, PAGE_SIZE};
 use crate::level::ENTRIES_PER_TABLE;
@@ -113,13 +114,15 @@ impl SimMemory {
     }
 }
 
-impl TableMemory for SimMemory {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
+// SAFETY: every access is an atomic on the simulated word (`word` panics
+// for a frame outside the simulated memory rather than touch anything else).
+unsafe impl TableMemory for SimMemory {
+    unsafe fn load(&self, table: PhysAddr, index: usize) -> u64 {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.word(table, index).load(Ordering::SeqCst)
     }
 
-    fn compare_exchange(
+    unsafe fn compare_exchange(
         &self,
         table: PhysAddr,
         index: usize,
@@ -139,46 +142,54 @@ impl TableMemory for SimMemory {
         result
     }
 
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+    unsafe fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.word(table, index).store(value, Ordering::SeqCst);
     }
 }
 
-impl TableAllocator for SimMemory {
+// SAFETY: its frames are its own simulated ones, each on the free list at
+// most once while free.
+unsafe impl TableAllocator for SimMemory {
     fn allocate_table(&self) -> Option<PhysAddr> {
         self.free.lock().unwrap().pop()
     }
 
-    fn free_table(&self, frame: PhysAddr) {
+    unsafe fn free_table(&self, frame: PhysAddr) {
         self.free.lock().unwrap().push(frame);
     }
 }
 
 /// Lets one simulated memory be shared by the engine, the hooks and a test.
-impl<T: TableMemory + ?Sized> TableMemory for std::sync::Arc<T> {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
-        (**self).load(table, index)
+// SAFETY: forwards to `T`.
+unsafe impl<T: TableMemory + ?Sized> TableMemory for std::sync::Arc<T> {
+    unsafe fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).load(table, index) }
     }
-    fn compare_exchange(
+    unsafe fn compare_exchange(
         &self,
         table: PhysAddr,
         index: usize,
         current: u64,
         new: u64,
     ) -> Result<u64, u64> {
-        (**self).compare_exchange(table, index, current, new)
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).compare_exchange(table, index, current, new) }
     }
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
-        (**self).store_unpublished(table, index, value)
+    unsafe fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).store_unpublished(table, index, value) }
     }
 }
 
-impl<T: TableAllocator + ?Sized> TableAllocator for std::sync::Arc<T> {
+// SAFETY: forwards to `T`.
+unsafe impl<T: TableAllocator + ?Sized> TableAllocator for std::sync::Arc<T> {
     fn allocate_table(&self) -> Option<PhysAddr> {
         (**self).allocate_table()
     }
-    fn free_table(&self, frame: PhysAddr) {
-        (**self).free_table(frame)
+    unsafe fn free_table(&self, frame: PhysAddr) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).free_table(frame) }
     }
 }

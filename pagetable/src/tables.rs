@@ -1,23 +1,39 @@
 //! The walker, the splitter and the entry updates, over page-table memory
-//! reached through [`TableMemory`]. Nothing here is unsafe: the raw accesses
-//! live in the `TableMemory` implementation.
+//! reached through [`TableMemory`]. The crate's unsafe edge: every raw
+//! access goes through three private helpers of [`PageTables`], which name
+//! only frames of the hierarchy its (unsafe) constructor vouched for.
+#![allow(unsafe_code)]
 
 use crate::addr::{PhysAddr, VirtAddr, PAGE_SIZE};
 use crate::entry::{leaf_addr_field, CcMask, Pte, PteFlags, ADDR_FIELD, PAT_4K, PAT_LARGE};
 use crate::level::{Level, PagingMode, ENTRIES_PER_TABLE};
 
 /// Page-table memory, addressed physically. A kernel implements it over its
-/// direct map with 64-bit atomic accesses; host tests over simulated memory.
+/// direct map with 64-bit atomic accesses ([`crate::OffsetTableMemory`]
+/// does); host tests over simulated memory.
 ///
-/// `index` is always below 512. `table` is always a page-aligned address that
-/// came from the root or from a table pointer this crate wrote or read.
-pub trait TableMemory {
+/// # Safety
+/// Implementations behave as memory: `load` returns what the entry holds
+/// (what was last stored or exchanged there, with the A/D bits the CPU may
+/// have set), and the three methods act on entry `index` of the table at
+/// `table` alone, atomically. [`PageTables`] follows the table pointers it
+/// reads, so a lying implementation would send it anywhere.
+pub unsafe trait TableMemory {
     /// Reads entry `index` of the table at `table`.
-    fn load(&self, table: PhysAddr, index: usize) -> u64;
+    ///
+    /// # Safety
+    /// `table` is a page-table frame of the hierarchy this memory holds (a
+    /// root a [`PageTables`] was made with, a frame a table pointer of it
+    /// names, or a frame a [`TableAllocator`] handed out for it), and
+    /// `index` is below 512. The same holds for the other two methods.
+    unsafe fn load(&self, table: PhysAddr, index: usize) -> u64;
     /// Atomically replaces entry `index` with `new` if it still holds
     /// `current`; returns the previous value either way (`Err` on mismatch).
     /// Atomic because the CPU sets A/D bits in live entries concurrently.
-    fn compare_exchange(
+    ///
+    /// # Safety
+    /// As [`TableMemory::load`].
+    unsafe fn compare_exchange(
         &self,
         table: PhysAddr,
         index: usize,
@@ -26,62 +42,94 @@ pub trait TableMemory {
     ) -> Result<u64, u64>;
     /// Writes entry `index` of a table no CPU can reach yet (being filled
     /// before it is linked in).
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64);
+    ///
+    /// # Safety
+    /// As [`TableMemory::load`].
+    unsafe fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64);
 }
 
 /// Frames for new page tables. A returned frame is page-aligned; its contents
 /// are overwritten entirely before use.
-pub trait TableAllocator {
+///
+/// # Safety
+/// A frame `allocate_table` returns is page-aligned memory of the
+/// [`TableMemory`] it is used with, and nothing else uses it until it is
+/// given back: the tables write all of it and link it in.
+pub unsafe trait TableAllocator {
     /// A free frame, or `None` when out of memory.
     fn allocate_table(&self) -> Option<PhysAddr>;
     /// Returns a frame that was allocated and never linked into the tables.
-    fn free_table(&self, frame: PhysAddr);
+    ///
+    /// # Safety
+    /// `frame` came from this allocator's `allocate_table`, is not linked
+    /// into any table, and was not given back since.
+    unsafe fn free_table(&self, frame: PhysAddr);
 }
 
-impl<T: TableMemory + ?Sized> TableMemory for &T {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
-        (**self).load(table, index)
+// SAFETY: forwards to `T`, which is memory (its own `unsafe impl`).
+unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
+    unsafe fn load(&self, table: PhysAddr, index: usize) -> u64 {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).load(table, index) }
     }
-    fn compare_exchange(
+    unsafe fn compare_exchange(
         &self,
         table: PhysAddr,
         index: usize,
         current: u64,
         new: u64,
     ) -> Result<u64, u64> {
-        (**self).compare_exchange(table, index, current, new)
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).compare_exchange(table, index, current, new) }
     }
-    fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
-        (**self).store_unpublished(table, index, value)
+    unsafe fn store_unpublished(&self, table: PhysAddr, index: usize, value: u64) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).store_unpublished(table, index, value) }
     }
 }
 
-impl<T: TableAllocator + ?Sized> TableAllocator for &T {
+// SAFETY: forwards to `T`, whose frames are free table memory.
+unsafe impl<T: TableAllocator + ?Sized> TableAllocator for &T {
     fn allocate_table(&self) -> Option<PhysAddr> {
         (**self).allocate_table()
     }
-    fn free_table(&self, frame: PhysAddr) {
-        (**self).free_table(frame)
+    unsafe fn free_table(&self, frame: PhysAddr) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { (**self).free_table(frame) }
     }
 }
 
 /// A leaf found by [`PageTables::lookup_address`]: where its entry lives, what
 /// it holds, and what it maps. It may be non-present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Where the entry lives (`table`, `index`, `level`) is readable but not
+/// writable: the entry updates write there, so only a walk sets it.
 pub struct Leaf {
     /// First virtual address the leaf maps (aligned to its size).
     pub va: VirtAddr,
-    /// Level of the leaf: [`Level::Pt`] 4K, [`Level::Pd`] 2M, [`Level::Pdpt`] 1G.
-    pub level: Level,
-    /// Physical address of the table that holds the entry.
-    pub table: PhysAddr,
-    /// Index of the entry in that table.
-    pub index: usize,
     /// The entry's value when it was read.
     pub entry: Pte,
+    level: Level,
+    table: PhysAddr,
+    index: usize,
+    /// The root of the walk that found it.
+    root: PhysAddr,
 }
 
 impl Leaf {
+    /// Level of the leaf: [`Level::Pt`] 4K, [`Level::Pd`] 2M, [`Level::Pdpt`] 1G.
+    pub const fn level(&self) -> Level {
+        self.level
+    }
+    /// Physical address of the table that holds the entry.
+    pub const fn table(&self) -> PhysAddr {
+        self.table
+    }
+    /// Index of the entry in that table.
+    pub const fn index(&self) -> usize {
+        self.index
+    }
     /// Bytes the leaf maps.
     pub const fn size(&self) -> u64 {
         self.level.entry_span()
@@ -102,18 +150,41 @@ impl Leaf {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeafSpan {
     /// The table that holds the entries.
-    pub table: PhysAddr,
+    table: PhysAddr,
     /// Index of the first entry.
-    pub first: usize,
+    first: usize,
     /// Number of entries.
-    pub count: usize,
+    count: usize,
     /// Their level.
-    pub level: Level,
+    level: Level,
     /// First virtual address the first entry maps.
-    pub va: VirtAddr,
+    va: VirtAddr,
+    /// The root of the walk that found them.
+    root: PhysAddr,
 }
 
 impl LeafSpan {
+    /// The table that holds the entries.
+    pub const fn table(&self) -> PhysAddr {
+        self.table
+    }
+    /// Index of the first entry.
+    pub const fn first(&self) -> usize {
+        self.first
+    }
+    /// Number of entries.
+    pub const fn count(&self) -> usize {
+        self.count
+    }
+    /// Their level.
+    pub const fn level(&self) -> Level {
+        self.level
+    }
+    /// First virtual address the first entry maps.
+    pub const fn va(&self) -> VirtAddr {
+        self.va
+    }
+
     /// The span of `leaf` alone.
     pub const fn of(leaf: &Leaf) -> LeafSpan {
         LeafSpan {
@@ -122,6 +193,7 @@ impl LeafSpan {
             count: 1,
             level: leaf.level,
             va: leaf.va,
+            root: leaf.root,
         }
     }
 
@@ -129,7 +201,10 @@ impl LeafSpan {
     /// the same table; returns whether it did.
     pub fn extend(&mut self, leaf: &Leaf) -> bool {
         let next = self.first + self.count;
-        let continues = leaf.table == self.table && leaf.level == self.level && leaf.index == next;
+        let continues = leaf.root == self.root
+            && leaf.table == self.table
+            && leaf.level == self.level
+            && leaf.index == next;
         if continues {
             self.count += 1;
         }
@@ -204,13 +279,49 @@ const TABLE_POINTER_FLAGS: u64 =
 
 impl<M: TableMemory> PageTables<M> {
     /// Wraps existing tables rooted at `root` (CR3's address).
-    pub const fn new(memory: M, root: PhysAddr, mode: PagingMode, cc: CcMask) -> Self {
+    ///
+    /// # Safety
+    /// `root` is a page-table frame of `memory`, every table pointer
+    /// reachable from it names one too, and while the value lives the
+    /// hierarchy changes only by atomic writes that keep that so (this
+    /// crate's, the CPU's A/D updates, another `PageTables` over the same
+    /// root): the walks follow what they read.
+    pub const unsafe fn new(memory: M, root: PhysAddr, mode: PagingMode, cc: CcMask) -> Self {
         PageTables {
             memory,
             root,
             mode,
             cc,
         }
+    }
+
+    // The three raw accesses. Their `table` is always one of: `self.root`;
+    // a table pointer read from these tables by a walk; a `Leaf`'s or
+    // `LeafSpan`'s table whose root is `self.root` (private fields, set only
+    // by such walks); a frame a `TableAllocator` returned. Each is a frame of
+    // this hierarchy by `new`'s contract and the allocator's; `index` is
+    // always below 512 (`Level::index_of`, bounded loops, a walk's index).
+
+    fn entry(&self, table: PhysAddr, index: usize) -> u64 {
+        // SAFETY: see above.
+        unsafe { self.memory.load(table, index) }
+    }
+
+    fn exchange(&self, table: PhysAddr, index: usize, current: u64, new: u64) -> Result<u64, u64> {
+        // SAFETY: see above.
+        unsafe { self.memory.compare_exchange(table, index, current, new) }
+    }
+
+    fn fill(&self, table: PhysAddr, index: usize, value: u64) {
+        // SAFETY: see above; the frame is not linked in yet.
+        unsafe { self.memory.store_unpublished(table, index, value) }
+    }
+
+    /// Whether `new` may be written where a leaf of `level` is: at 2M and
+    /// 1G only a large leaf (PS set) or zero, never a table pointer, which
+    /// the walks would follow.
+    fn stays_leaf(new: u64, level: Level) -> bool {
+        level == Level::Pt || new == 0 || new & PteFlags::HUGE_PAGE.bits() != 0
     }
 
     /// The table memory.
@@ -246,7 +357,7 @@ impl<M: TableMemory> PageTables<M> {
     /// from this crate's walk of these tables.
     pub fn next_leaf(&self, prev: &Leaf) -> Result<Leaf, WalkError> {
         let va = VirtAddr(prev.end());
-        if prev.index + 1 < ENTRIES_PER_TABLE && prev.end() != u64::MAX {
+        if prev.root == self.root && prev.index + 1 < ENTRIES_PER_TABLE && prev.end() != u64::MAX {
             self.walk_from(va, prev.table, prev.level)
         } else {
             self.lookup_address(va)
@@ -265,7 +376,7 @@ impl<M: TableMemory> PageTables<M> {
         }
         loop {
             let index = level.index_of(va);
-            let entry = Pte(self.memory.load(table, index));
+            let entry = Pte(self.entry(table, index));
             if entry.is_unused() {
                 return Err(WalkError::NotMapped { va, level });
             }
@@ -284,6 +395,7 @@ impl<M: TableMemory> PageTables<M> {
                         table,
                         index,
                         entry,
+                        root: self.root,
                     })
                 }
                 Some(lower) => {
@@ -314,17 +426,22 @@ impl<M: TableMemory> PageTables<M> {
     /// entry stopped being this leaf (another CPU split or unmapped it).
     /// The first attempt assumes the entry still holds `leaf.entry` (no
     /// read: the compare-exchange checks it).
+    /// `BadLeaf` if `update` would make a 2M/1G leaf a table pointer, or
+    /// the leaf came from other tables.
     pub fn update_leaf(&self, leaf: &Leaf, update: impl Fn(Pte) -> Pte) -> Result<Pte, TableError> {
+        if leaf.root != self.root {
+            return Err(TableError::BadLeaf);
+        }
         let mut current = leaf.entry.0;
         loop {
             if !same_leaf(current, leaf.entry, leaf.level, self.cc) {
                 return Err(TableError::Raced);
             }
             let new = update(Pte(current)).0;
-            match self
-                .memory
-                .compare_exchange(leaf.table, leaf.index, current, new)
-            {
+            if !Self::stays_leaf(new, leaf.level) {
+                return Err(TableError::BadLeaf);
+            }
+            match self.exchange(leaf.table, leaf.index, current, new) {
                 Ok(_) => return Ok(Pte(new)),
                 Err(seen) => current = seen,
             }
@@ -335,7 +452,9 @@ impl<M: TableMemory> PageTables<M> {
     /// one read and one compare-exchange each and no walk. Stops at the
     /// first entry that is no longer a leaf of the span's level (zero, or a
     /// table pointer where a large leaf was) and returns the address it
-    /// maps: the span is stale, someone changed the tables under it.
+    /// maps: the span is stale, someone changed the tables under it. So also
+    /// for an `update` that would make a large leaf a table pointer, and
+    /// (at the span's first address) for a span of other tables.
     pub fn update_span(
         &self,
         span: &LeafSpan,
@@ -344,20 +463,20 @@ impl<M: TableMemory> PageTables<M> {
         let huge = PteFlags::HUGE_PAGE.bits();
         let want_huge = if span.level == Level::Pt { 0 } else { huge };
         let size = span.level.entry_span();
+        if span.root != self.root {
+            return Err(span.va);
+        }
         let end = span.first.saturating_add(span.count).min(ENTRIES_PER_TABLE);
         for (n, index) in (span.first..end).enumerate() {
-            let mut current = self.memory.load(span.table, index);
+            let mut current = self.entry(span.table, index);
             loop {
                 let still_leaf =
                     current != 0 && (span.level == Level::Pt || current & huge == want_huge);
-                if !still_leaf {
+                let new = update(Pte(current)).0;
+                if !still_leaf || !Self::stays_leaf(new, span.level) {
                     return Err(VirtAddr(span.va.0.wrapping_add(n as u64 * size)));
                 }
-                let new = update(Pte(current)).0;
-                match self
-                    .memory
-                    .compare_exchange(span.table, index, current, new)
-                {
+                match self.exchange(span.table, index, current, new) {
                     Ok(_) => break,
                     Err(seen) => current = seen,
                 }
@@ -372,6 +491,9 @@ impl<M: TableMemory> PageTables<M> {
     /// no flush is needed for correctness of the new entries; stale large
     /// TLB entries are the caller's to flush (the engine's step 3 does).
     pub fn split(&self, leaf: &Leaf, alloc: &impl TableAllocator) -> Result<(), TableError> {
+        if leaf.root != self.root {
+            return Err(TableError::BadLeaf);
+        }
         let child_level = match leaf.level {
             Level::Pd => Level::Pt,
             Level::Pdpt => Level::Pd,
@@ -392,17 +514,16 @@ impl<M: TableMemory> PageTables<M> {
         let span = child_level.entry_span();
         for i in 0..ENTRIES_PER_TABLE {
             let child = child_flags | cc_bits | (base + i as u64 * span);
-            self.memory.store_unpublished(frame, i, child);
+            self.fill(frame, i, child);
         }
         let user = entry & PteFlags::USER.bits();
         let pointer = frame.0 | self.cc.private_bits() | TABLE_POINTER_FLAGS | user;
-        match self
-            .memory
-            .compare_exchange(leaf.table, leaf.index, entry, pointer)
-        {
+        match self.exchange(leaf.table, leaf.index, entry, pointer) {
             Ok(_) => Ok(()),
             Err(_) => {
-                alloc.free_table(frame);
+                // SAFETY: the frame came from `alloc` above and the
+                // exchange that would have linked it failed.
+                unsafe { alloc.free_table(frame) };
                 Err(TableError::Raced)
             }
         }
@@ -478,22 +599,20 @@ impl<M: TableMemory> PageTables<M> {
         let mut current = self.mode.top();
         while current != level {
             let index = current.index_of(va);
-            let entry = Pte(self.memory.load(table, index));
+            let entry = Pte(self.entry(table, index));
             // A user leaf needs U at every level above it (nested tables are
             // walked as user accesses, so they always do).
             let user = flags.bits() & PteFlags::USER.bits();
             if entry.is_unused() {
                 let new_table = alloc.allocate_table().ok_or(TableError::OutOfTableMemory)?;
                 for i in 0..ENTRIES_PER_TABLE {
-                    self.memory.store_unpublished(new_table, i, 0);
+                    self.fill(new_table, i, 0);
                 }
                 let pointer = new_table.0 | self.cc.private_bits() | TABLE_POINTER_FLAGS | user;
-                if self
-                    .memory
-                    .compare_exchange(table, index, 0, pointer)
-                    .is_err()
-                {
-                    alloc.free_table(new_table);
+                if self.exchange(table, index, 0, pointer).is_err() {
+                    // SAFETY: the frame came from `alloc` above and the
+                    // exchange that would have linked it failed.
+                    unsafe { alloc.free_table(new_table) };
                     continue;
                 }
                 table = new_table;
@@ -502,9 +621,7 @@ impl<M: TableMemory> PageTables<M> {
             } else {
                 if entry.0 & user != user {
                     // Retried by the loop if the entry changed meanwhile.
-                    let _ = self
-                        .memory
-                        .compare_exchange(table, index, entry.0, entry.0 | user);
+                    let _ = self.exchange(table, index, entry.0, entry.0 | user);
                     continue;
                 }
                 table = self.cc.table_addr(entry);
@@ -525,8 +642,7 @@ impl<M: TableMemory> PageTables<M> {
             self.cc.private_bits()
         };
         let entry = frame.0 | cc_bits | flags.bits() | huge;
-        self.memory
-            .compare_exchange(table, level.index_of(va), 0, entry)
+        self.exchange(table, level.index_of(va), 0, entry)
             .map(|_| ())
             .map_err(|_| TableError::AlreadyMapped { va, level })
     }
@@ -537,8 +653,7 @@ impl<M: TableMemory> PageTables<M> {
         loop {
             let leaf = self.lookup_address(va)?;
             if self
-                .memory
-                .compare_exchange(leaf.table, leaf.index, leaf.entry.0, 0)
+                .exchange(leaf.table, leaf.index, leaf.entry.0, 0)
                 .is_ok()
             {
                 return Ok(leaf);

@@ -6,7 +6,8 @@ const MIB2: u64 = 2 << 20;
 
 fn tables(mem: &SimMemory, mode: PagingMode, cc: CcMask) -> PageTables<&SimMemory> {
     let root = mem.allocate_zeroed();
-    PageTables::new(mem, root, mode, cc)
+    // SAFETY: a zeroed root frame of `mem`, changed only through these tables.
+    unsafe { PageTables::new(mem, root, mode, cc) }
 }
 
 fn kernel_rw() -> PteFlags {
@@ -46,7 +47,7 @@ fn frame_recovered_from_non_present_leaves_at_every_level_and_encoding() {
                 .unwrap();
                 let leaf = make_not_present(&pt, VirtAddr(va + 0x234));
                 assert!(!leaf.entry.is_present());
-                assert_eq!(leaf.level, level, "gpaw {gpaw} shared {shared}");
+                assert_eq!(leaf.level(), level, "gpaw {gpaw} shared {shared}");
                 assert_eq!(leaf.va, VirtAddr(va));
                 assert_eq!(cc.is_shared(leaf.entry), shared);
                 assert_eq!(
@@ -78,7 +79,8 @@ fn sev_style_private_bit_is_masked_from_frames_and_table_pointers() {
     )
     .unwrap();
     // The PML4 entry points to a table in encrypted memory: C-bit set.
-    let top = Pte(mem.load(pt.root(), Level::Pml4.index_of(va)));
+    // SAFETY: the root, a table of `mem`.
+    let top = Pte(unsafe { mem.load(pt.root(), Level::Pml4.index_of(va)) });
     assert_ne!(top.0 & (1 << 51), 0);
     let leaf = make_not_present(&pt, va);
     assert!(!cc.is_shared(leaf.entry));
@@ -137,13 +139,16 @@ fn walk_reports_unmapped_non_canonical_and_reserved() {
         })
     );
     // PS at PML4 level is reserved.
-    let root_entry = mem.load(pt.root(), 0);
-    mem.compare_exchange(
-        pt.root(),
-        0,
-        root_entry,
-        root_entry | PteFlags::HUGE_PAGE.bits(),
-    )
+    // SAFETY: the root, a table of `mem` (and for the exchange below).
+    let root_entry = unsafe { mem.load(pt.root(), 0) };
+    unsafe {
+        mem.compare_exchange(
+            pt.root(),
+            0,
+            root_entry,
+            root_entry | PteFlags::HUGE_PAGE.bits(),
+        )
+    }
     .unwrap();
     assert_eq!(
         pt.lookup_address(VirtAddr(0x20_0000)),
@@ -171,9 +176,10 @@ fn five_level_walk_uses_the_extra_table() {
         &&mem,
     )
     .unwrap();
-    assert_ne!(mem.load(pt.root(), Level::Pml5.index_of(va)), 0);
+    // SAFETY: the root, a table of `mem`.
+    assert_ne!(unsafe { mem.load(pt.root(), Level::Pml5.index_of(va)) }, 0);
     let leaf = pt.lookup_address(VirtAddr(va.0 + 0x1234_5678)).unwrap();
-    assert_eq!(leaf.level, Level::Pdpt);
+    assert_eq!(leaf.level(), Level::Pdpt);
     assert_eq!(
         pt.translate(VirtAddr(va.0 + 0x1234_5678)),
         Some(PhysAddr(0x8_1234_5678))
@@ -190,7 +196,7 @@ fn translations(pt: &PageTables<&SimMemory>, va: u64, len: u64) -> Vec<(Option<P
             let leaf = pt.lookup_address(v).unwrap();
             // Normalise the PAT position so 2M and 4K entries compare.
             let pat = leaf.entry.0
-                & if leaf.level == Level::Pt {
+                & if leaf.level() == Level::Pt {
                     PAT_4K
                 } else {
                     PAT_LARGE
@@ -228,7 +234,7 @@ fn split_2m_keeps_translation_attributes_pat_and_shared_bit() {
     let after = translations(&pt, va, MIB2);
     assert_eq!(before, after);
     let child = pt.lookup_address(VirtAddr(va + 0x4000)).unwrap();
-    assert_eq!(child.level, Level::Pt);
+    assert_eq!(child.level(), Level::Pt);
     assert_ne!(child.entry.0 & PAT_4K, 0, "PAT moved to bit 7");
     assert_eq!(
         child.entry.0 & PAT_LARGE,
@@ -261,7 +267,7 @@ fn split_1g_gives_2m_leaves_that_stay_large() {
     pt.split(&leaf, &&mem).unwrap();
     assert_eq!(before, translations(&pt, va, 8 * MIB2));
     let child = pt.lookup_address(VirtAddr(va + 511 * MIB2 + 5)).unwrap();
-    assert_eq!(child.level, Level::Pd);
+    assert_eq!(child.level(), Level::Pd);
     assert_eq!(
         cc.leaf_frame(child.entry, Level::Pd),
         PhysAddr(3 * GIB + 511 * MIB2)
@@ -291,15 +297,15 @@ fn split_at_splits_only_what_straddles() {
     assert_eq!(pt.split_at(VirtAddr(va), &&mem), Ok(0));
     assert_eq!(pt.split_at(VirtAddr(va + MIB2 + 0x3000), &&mem), Ok(2));
     assert_eq!(mem.free_frames(), free - 2);
-    assert_eq!(pt.lookup_address(VirtAddr(va)).unwrap().level, Level::Pd);
+    assert_eq!(pt.lookup_address(VirtAddr(va)).unwrap().level(), Level::Pd);
     assert_eq!(
         pt.lookup_address(VirtAddr(va + MIB2 + 0x3000))
             .unwrap()
-            .level,
+            .level(),
         Level::Pt
     );
     assert_eq!(
-        pt.lookup_address(VirtAddr(va + 2 * MIB2)).unwrap().level,
+        pt.lookup_address(VirtAddr(va + 2 * MIB2)).unwrap().level(),
         Level::Pd,
         "the neighbours stay 2M"
     );
@@ -388,7 +394,7 @@ fn map_leaf_refuses_overlaps_and_bad_leaves() {
         );
     }
     let gone = pt.unmap_leaf(VirtAddr(0x1234)).unwrap();
-    assert_eq!(gone.level, Level::Pd);
+    assert_eq!(gone.level(), Level::Pd);
     assert!(pt.lookup_address(VirtAddr(0)).is_err());
 }
 
@@ -414,7 +420,8 @@ fn nested_tables_take_guest_physical_addresses_with_bit_47() {
     // Every level on the way carries U, as a nested walk requires.
     let mut table = pt.root();
     for level in [Level::Pml4, Level::Pdpt, Level::Pd] {
-        let entry = Pte(mem.load(table, level.index_of(shared_alias)));
+        // SAFETY: the root, then the tables its pointers name.
+        let entry = Pte(unsafe { mem.load(table, level.index_of(shared_alias)) });
         assert!(
             entry.flags().contains(PteFlags::USER),
             "{level:?} pointer lacks U"
@@ -469,12 +476,15 @@ fn next_leaf_and_spans_read_each_entry_once_and_refuse_stale_spans() {
         assert!(span.extend(&leaf));
     }
     assert_eq!(mem.reads() - reads, 3, "one read per leaf inside the table");
-    assert_eq!(span.count, 4);
+    assert_eq!(span.count(), 4);
     // Entry 511 ends the table: a walk from the root (PML4, PDPT, PD).
     let reads = mem.reads();
     let large = pt.next_leaf(&leaf).unwrap();
     assert_eq!(mem.reads() - reads, 3);
-    assert_eq!((large.level, large.va), (Level::Pd, VirtAddr(base + MIB2)));
+    assert_eq!(
+        (large.level(), large.va),
+        (Level::Pd, VirtAddr(base + MIB2))
+    );
     assert!(!span.extend(&large), "another table, another span");
 
     let clear = |e: Pte| Pte(e.0 & !PteFlags::PRESENT.bits());
@@ -503,4 +513,41 @@ fn next_leaf_and_spans_read_each_entry_once_and_refuse_stale_spans() {
     assert!(pt
         .lookup_address(VirtAddr(base + 511 * PAGE_SIZE))
         .is_ok_and(|l| !l.entry.is_present()));
+}
+
+/// The entry updates write only leaves where leaves are: an update that
+/// would turn a 2M leaf into a table pointer (which walks follow) is
+/// refused, and so is a leaf found in other tables.
+#[test]
+fn updates_never_make_a_large_leaf_a_table_pointer() {
+    let mem = SimMemory::new(PhysAddr(0x10_0000_0000), 16);
+    let pt = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
+    let va = VirtAddr(0xffff_8880_0020_0000);
+    pt.map_leaf(
+        va,
+        PhysAddr(0x4020_0000),
+        Level::Pd,
+        kernel_rw(),
+        false,
+        &&mem,
+    )
+    .unwrap();
+    let leaf = pt.lookup_address(va).unwrap();
+    let pointer = |e: Pte| Pte(e.0 & !PteFlags::HUGE_PAGE.bits());
+    assert_eq!(pt.update_leaf(&leaf, pointer), Err(TableError::BadLeaf));
+    let span = LeafSpan::of(&leaf);
+    assert_eq!(pt.update_span(&span, pointer), Err(va));
+    assert_eq!(
+        pt.lookup_address(va).unwrap().entry,
+        leaf.entry,
+        "unchanged"
+    );
+    // Clearing PRESENT, or zeroing, keeps it a leaf (or nothing).
+    pt.update_leaf(&leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
+        .unwrap();
+    // A leaf of other tables is refused.
+    let other = tables(&mem, PagingMode::FourLevel, CcMask::NONE);
+    let stale = pt.lookup_address(va).unwrap();
+    assert_eq!(other.update_leaf(&stale, |e| e), Err(TableError::BadLeaf));
+    assert_eq!(other.split(&stale, &&mem), Err(TableError::BadLeaf));
 }

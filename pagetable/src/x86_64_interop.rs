@@ -16,6 +16,7 @@
 //! - The TLB flush of the conversion's step 3 must drop global entries too:
 //!   `x86_64::instructions::tlb::flush_all` reloads CR3, which keeps them.
 //!   Toggle CR4.PGE (or use INVPCID type 2) on every CPU.
+#![allow(unsafe_code)] // the TableAllocator impl, with its SAFETY
 
 use crate::addr::{PhysAddr, VirtAddr};
 use crate::entry::PteFlags;
@@ -136,7 +137,12 @@ const RETURNED_KEPT: usize = 8;
 
 impl<A> LockedFrameAllocator<A> {
     /// Wraps `allocator`.
-    pub const fn new(allocator: A) -> Self {
+    ///
+    /// # Safety
+    /// The frames `allocator` hands out are RAM the tables' [`crate::TableMemory`]
+    /// reaches (for [`crate::OffsetTableMemory`]: mapped at its offset).
+    /// That they are unused is the `FrameAllocator`'s own promise.
+    pub const unsafe fn new(allocator: A) -> Self {
         LockedFrameAllocator {
             inner: spin::Mutex::new(Inner {
                 allocator,
@@ -158,7 +164,11 @@ impl<A> LockedFrameAllocator<A> {
     }
 }
 
-impl<A: FrameAllocator<Size4KiB>> TableAllocator for LockedFrameAllocator<A> {
+// SAFETY: a frame handed out is unused (`FrameAllocator`'s contract) and
+// reachable through the tables' memory (`new`'s), or one given back, which
+// `free_table`'s caller promised is allocated here and not linked; each is
+// kept at most once, so none is handed out twice.
+unsafe impl<A: FrameAllocator<Size4KiB>> TableAllocator for LockedFrameAllocator<A> {
     fn allocate_table(&self) -> Option<PhysAddr> {
         let mut inner = self.inner.lock();
         if let Some(frame) = inner.returned.iter_mut().find_map(Option::take) {
@@ -167,7 +177,7 @@ impl<A: FrameAllocator<Size4KiB>> TableAllocator for LockedFrameAllocator<A> {
         inner.allocator.allocate_frame().map(PhysAddr::from)
     }
 
-    fn free_table(&self, frame: PhysAddr) {
+    unsafe fn free_table(&self, frame: PhysAddr) {
         let mut inner = self.inner.lock();
         // A frame given back twice is kept once: handing it out twice
         // would put two tables in one frame.

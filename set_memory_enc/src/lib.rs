@@ -37,8 +37,11 @@
 //!
 //! let memory = SimMemory::new(PhysAddr(0x10_0000_0000), 16);
 //! let root = memory.allocate_zeroed();
-//! let engine = Converter::new(&memory, root, PagingMode::FourLevel, &memory,
-//!                             RecordingMachine::default(), NoCc);
+//! // SAFETY: a zeroed root of the simulated memory, which also allocates.
+//! let engine = unsafe {
+//!     Converter::new(&memory, root, PagingMode::FourLevel, &memory,
+//!                    RecordingMachine::default(), NoCc)
+//! };
 //! // A 2 MiB direct-map leaf.
 //! let va = VirtAddr(0xffff_8880_0000_0000);
 //! let flags = PteFlags::PRESENT | PteFlags::WRITABLE;
@@ -92,7 +95,10 @@
 //! # let ram_start = 0x20_0000u64;
 //! // From the bootloader (here: host memory playing RAM at `ram_start`).
 //! let physical_memory_offset = x86_64::VirtAddr::new(host - ram_start);
-//! let frames = LockedFrameAllocator::new(BootFrames { next: ram_start, end: ram_start + (16 << 12) });
+//! // SAFETY: its frames are RAM mapped at the offset, like all of it.
+//! let frames = unsafe {
+//!     LockedFrameAllocator::new(BootFrames { next: ram_start, end: ram_start + (16 << 12) })
+//! };
 //! let root = frames.allocate_table().unwrap(); // a kernel: Cr3::read()
 //!
 //! // The kernel maps a buffer as it always does, then lets the mapper go.
@@ -111,8 +117,12 @@
 //! // SAFETY: all RAM, the tables' frames included, is mapped at the offset.
 //! let memory = unsafe { OffsetTableMemory::new(physical_memory_offset.as_u64()) };
 //! // In a TD: platform::Tdx::new(tdcall), and the kernel's own Machine.
-//! let engine = Converter::new(memory, root, PagingMode::FourLevel, &frames,
-//!                             RecordingMachine::default(), NoCc);
+//! // SAFETY: `root` is the kernel's tables, built by the mapper, now dropped:
+//! // nothing but the engine changes them while it converts.
+//! let engine = unsafe {
+//!     Converter::new(memory, root, PagingMode::FourLevel, &frames,
+//!                    RecordingMachine::default(), NoCc)
+//! };
 //! let va = VirtAddr::from(buffer.start_address());
 //! engine.set_memory_shared(va, 1).unwrap();
 //! // ... the device or the host reads the buffer ...
@@ -359,9 +369,14 @@ where
     K: Machine,
     P: Platform,
 {
-    /// An engine over the tables rooted at `tables.root()`. The tables' C/S
-    /// bits are taken from the platform, so the two cannot disagree.
-    pub fn new(
+    /// An engine over the tables rooted at `root`. The tables' C/S bits are
+    /// taken from the platform, so the two cannot disagree.
+    ///
+    /// # Safety
+    /// As [`PageTables::new`] for `memory` and `root`; `allocator` hands out
+    /// frames of `memory` (its `TableAllocator` contract).
+    #[allow(unsafe_code)]
+    pub unsafe fn new(
         memory: M,
         root: PhysAddr,
         mode: coco_pagetable::PagingMode,
@@ -369,7 +384,8 @@ where
         machine: K,
         platform: P,
     ) -> Self {
-        let tables = PageTables::new(memory, root, mode, platform.cc_mask());
+        // SAFETY: this function's contract.
+        let tables = unsafe { PageTables::new(memory, root, mode, platform.cc_mask()) };
         Converter {
             tables,
             allocator,
@@ -517,7 +533,9 @@ where
         let mut gpa = None;
         self.for_each_leaf(range, |leaf| {
             // The walk visits the leaf at `va` first (split to start there).
-            gpa.get_or_insert_with(|| cc.leaf_frame(leaf.entry, leaf.level).0 + (va.0 - leaf.va.0));
+            gpa.get_or_insert_with(|| {
+                cc.leaf_frame(leaf.entry, leaf.level()).0 + (va.0 - leaf.va.0)
+            });
             self.update(leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
         })?;
         self.machine.flush_tlb_all();
@@ -666,13 +684,13 @@ where
             }
             // The part of the leaf inside the range (a leaf that straddles
             // an end is split later, which leaves its frames as they are).
-            let gpa = cc.leaf_frame(leaf.entry, leaf.level).0 + (first - leaf.va.0);
+            let gpa = cc.leaf_frame(leaf.entry, leaf.level()).0 + (first - leaf.va.0);
             // Made non-present (and, in one of the two states, without C/S
             // bits), only frame 0's entry with no other flag is zero; for a
             // large leaf, the 4K entry a split gives its first page.
             let flags = leaf.entry.0
                 & !(PteFlags::PRESENT.bits() | PteFlags::HUGE_PAGE.bits() | cc.all())
-                & !coco_pagetable::leaf_addr_field(leaf.level);
+                & !coco_pagetable::leaf_addr_field(leaf.level());
             if gpa == 0 && flags == 0 {
                 return Err(ConvError::ZeroWhenNotPresent(VirtAddr(first)));
             }
@@ -778,7 +796,7 @@ where
         let cc = self.tables.cc_mask();
         let mut current: Option<GpaRun> = None;
         self.for_each_leaf(range, |leaf| {
-            let gpa = cc.leaf_frame(leaf.entry, leaf.level);
+            let gpa = cc.leaf_frame(leaf.entry, leaf.level());
             match current.as_mut() {
                 Some(run) if run.gpa_end() == gpa => run.bytes += leaf.size(),
                 _ => {
@@ -969,14 +987,23 @@ impl FrameReserve {
         self.frames.set(frames);
     }
 
+    /// Gives the frames still held back to `allocator`, which they came from.
+    #[allow(unsafe_code)]
     fn release_to(&self, allocator: &impl TableAllocator) {
         for frame in self.frames.take().into_iter().flatten() {
-            allocator.free_table(frame);
+            // SAFETY: the reserve holds only frames `allocator` handed out
+            // for this conversion (split_boundaries) that no split linked
+            // (a split takes its frame out of the reserve), each once.
+            unsafe { allocator.free_table(frame) };
         }
     }
 }
 
-impl TableAllocator for FrameReserve {
+// SAFETY: it hands out only frames the engine's allocator gave it (table
+// frames of the engine's memory, unused), each once, and takes back only
+// what a split of these tables failed to link.
+#[allow(unsafe_code)]
+unsafe impl TableAllocator for FrameReserve {
     fn allocate_table(&self) -> Option<PhysAddr> {
         let mut frames = self.frames.get();
         let frame = frames.iter_mut().find_map(|f| f.take());
@@ -984,10 +1011,11 @@ impl TableAllocator for FrameReserve {
         frame
     }
 
-    fn free_table(&self, frame: PhysAddr) {
+    unsafe fn free_table(&self, frame: PhysAddr) {
         self.push(frame);
     }
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests;

@@ -50,7 +50,9 @@ fn world_with_frames<P: Platform>(platform: P, frames: usize) -> World<P> {
         inner: platform,
         log: log.clone(),
     };
-    let engine = Converter::new(mem, root, PagingMode::FourLevel, mem, machine, platform);
+    // SAFETY: a zeroed root of the simulated memory, which also allocates.
+    let engine =
+        unsafe { Converter::new(mem, root, PagingMode::FourLevel, mem, machine, platform) };
     let pt = engine.tables();
     for i in 0..DMAP_BYTES / MIB2 {
         pt.map_leaf(
@@ -136,7 +138,8 @@ where
     let (mem, root, cc) = (w.mem, w.engine.tables().root(), w.engine.tables().cc_mask());
     let out = seen.clone();
     w.log.set_hook(Some(Arc::new(move |event: &Event| {
-        let pt = PageTables::new(mem, root, PagingMode::FourLevel, cc);
+        // SAFETY: the engine's own tables, in the simulated memory.
+        let pt = unsafe { PageTables::new(mem, root, PagingMode::FourLevel, cc) };
         let mut at = va;
         let mut states = Vec::new();
         while at < va + bytes {
@@ -231,7 +234,7 @@ fn check_order<P: Platform + 'static>(
     let from_shared = direction == Direction::ToPrivate;
     let before_leaves: Vec<_> = leaves(w, DMAP, DMAP_BYTES)
         .iter()
-        .map(|l| (l.va, l.level))
+        .map(|l| (l.va, l.level()))
         .collect();
     w.log.clear();
     let seen = watch(w, case.va, bytes);
@@ -312,7 +315,7 @@ fn check_order<P: Platform + 'static>(
     // The straddled 2M leaf became 512 leaves; nothing else changed size.
     let after: Vec<_> = leaves(w, DMAP, DMAP_BYTES)
         .iter()
-        .map(|l| (l.va, l.level))
+        .map(|l| (l.va, l.level()))
         .collect();
     if case.va >= DMAP && case.va < DMAP + DMAP_BYTES {
         assert_eq!(
@@ -921,7 +924,8 @@ fn a_failed_restore_after_a_hypervisor_failure_keeps_the_quarantine() {
     let pulled = VirtAddr(VMAP + 12 * PAGE_SIZE);
     w.log.set_hook(Some(Arc::new(move |e: &Event| {
         if matches!(e, Event::Notify(..)) {
-            let tables = PageTables::new(mem, root, PagingMode::FourLevel, cc);
+            // SAFETY: the engine's own tables, in the simulated memory.
+            let tables = unsafe { PageTables::new(mem, root, PagingMode::FourLevel, cc) };
             let _ = tables.unmap_leaf(pulled);
         }
     })));
@@ -1018,7 +1022,7 @@ fn a_lost_page_is_retired_without_telling_the_hypervisor() {
         .tables()
         .lookup_address(VirtAddr(VMAP + 8 * PAGE_SIZE))
         .unwrap();
-    assert_eq!(cc.leaf_frame(leaf.entry, leaf.level), PhysAddr(CHUNK_B));
+    assert_eq!(cc.leaf_frame(leaf.entry, leaf.level()), PhysAddr(CHUNK_B));
     for retired in [VMAP + 7 * PAGE_SIZE, VMAP + 8 * PAGE_SIZE] {
         assert_eq!(
             w.engine.set_memory_private(VirtAddr(retired), 1),

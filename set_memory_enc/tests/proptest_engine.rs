@@ -191,7 +191,8 @@ struct FailAlloc {
     budget: Arc<Mutex<Option<u64>>>,
 }
 
-impl TableAllocator for FailAlloc {
+// SAFETY: the simulated memory's own frames, as it hands them out.
+unsafe impl TableAllocator for FailAlloc {
     fn allocate_table(&self) -> Option<PhysAddr> {
         let mut budget = self.budget.lock().unwrap();
         if let Some(left) = budget.as_mut() {
@@ -202,8 +203,9 @@ impl TableAllocator for FailAlloc {
         }
         self.mem.allocate_table()
     }
-    fn free_table(&self, frame: PhysAddr) {
-        self.mem.free_table(frame)
+    unsafe fn free_table(&self, frame: PhysAddr) {
+        // SAFETY: the caller's promise, passed on (the frame is the memory's).
+        unsafe { self.mem.free_table(frame) }
     }
 }
 
@@ -752,7 +754,8 @@ fn step_hook(
                 (false, !source_shared)
             }
         };
-        let tables = PageTables::new(mem.clone(), root, mode, cc);
+        // SAFETY: the engine's own tables, in the simulated memory.
+        let tables = unsafe { PageTables::new(mem.clone(), root, mode, cc) };
         let mut at = op.start;
         while at < op.end {
             match tables.lookup_address(VirtAddr(at)) {
@@ -764,7 +767,7 @@ fn step_hook(
                              want {want:?}, range {:#x}..{:#x}",
                             op.step,
                             leaf.va.0,
-                            leaf.level.page_size_name(),
+                            leaf.level().page_size_name(),
                             op.start,
                             op.end
                         ));
@@ -798,20 +801,23 @@ impl<P: Platform> World<P> {
         let root = mem.allocate_zeroed();
         let log = EventLog::default();
         let budget = Arc::new(Mutex::new(None));
-        let engine = Converter::new(
-            mem.clone(),
-            root,
-            mode,
-            FailAlloc {
-                mem: mem.clone(),
-                budget: budget.clone(),
-            },
-            RecordingMachine { log: log.clone() },
-            RecordingPlatform {
-                inner: platform,
-                log: log.clone(),
-            },
-        );
+        // SAFETY: a zeroed root of the simulated memory, which the allocator draws on.
+        let engine = unsafe {
+            Converter::new(
+                mem.clone(),
+                root,
+                mode,
+                FailAlloc {
+                    mem: mem.clone(),
+                    budget: budget.clone(),
+                },
+                RecordingMachine { log: log.clone() },
+                RecordingPlatform {
+                    inner: platform,
+                    log: log.clone(),
+                },
+            )
+        };
         let mut model = Model {
             va_bits,
             leaves: BTreeMap::new(),
@@ -899,7 +905,8 @@ impl<P: Platform> World<P> {
         out: &mut Vec<(u64, Level, u64)>,
     ) {
         for index in 0..ENTRIES_PER_TABLE {
-            let entry = self.mem.load(table, index);
+            // SAFETY: the root, then frames its table pointers name.
+            let entry = unsafe { self.mem.load(table, index) };
             if entry == 0 {
                 continue;
             }
@@ -1922,24 +1929,27 @@ fn regression_entry_that_is_only_present() {
                 let mem = Arc::new(SimMemory::new(PhysAddr(TABLES_AT), 16));
                 let root = mem.allocate_zeroed();
                 let log = EventLog::default();
-                let engine = Converter::new(
-                    mem.clone(),
-                    root,
-                    PagingMode::FourLevel,
-                    &*mem,
-                    RecordingMachine { log: log.clone() },
-                    RecordingPlatform {
-                        inner: ScriptPlatform {
-                            cc: cc_of(cc),
-                            flush_to_shared: false,
-                            flush_to_private: false,
-                            plan: Mutex::new(None),
-                            notified: Mutex::new(0),
-                            failed: Mutex::new(None),
+                // SAFETY: a zeroed root of the simulated memory, which the allocator draws on.
+                let engine = unsafe {
+                    Converter::new(
+                        mem.clone(),
+                        root,
+                        PagingMode::FourLevel,
+                        &*mem,
+                        RecordingMachine { log: log.clone() },
+                        RecordingPlatform {
+                            inner: ScriptPlatform {
+                                cc: cc_of(cc),
+                                flush_to_shared: false,
+                                flush_to_private: false,
+                                plan: Mutex::new(None),
+                                notified: Mutex::new(0),
+                                failed: Mutex::new(None),
+                            },
+                            log: log.clone(),
                         },
-                        log: log.clone(),
-                    },
-                );
+                    )
+                };
                 let va = VirtAddr(0xffff_8880_0000_0000);
                 engine
                     .tables()

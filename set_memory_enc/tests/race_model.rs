@@ -211,7 +211,8 @@ fn execute(
     let tdx = Arc::new(FakeTdxModule::new(48, 16 << 20));
     let platform = Tdx::new(tdx.clone()).unwrap();
     let cc: CcMask = set_memory_enc::Platform::cc_mask(&platform);
-    let tables = PageTables::new(memory.clone(), root, PagingMode::FourLevel, cc);
+    // SAFETY: a zeroed root of the simulated memory (and for the two below).
+    let tables = unsafe { PageTables::new(memory.clone(), root, PagingMode::FourLevel, cc) };
     let flags = PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::NO_EXECUTE;
     let start_shared = direction == Direction::ToPrivate;
     tables
@@ -251,19 +252,23 @@ fn execute(
     let baton = Arc::new(Baton::default());
     let tlb: Tlb = Arc::default();
     let machine = ModelMachine {
-        tables: PageTables::new(memory.clone(), root, PagingMode::FourLevel, cc),
+        // SAFETY: as above.
+        tables: unsafe { PageTables::new(memory.clone(), root, PagingMode::FourLevel, cc) },
         tlb: tlb.clone(),
         baton: baton.clone(),
         broken,
     };
-    let engine = Converter::new(
-        memory.clone(),
-        root,
-        PagingMode::FourLevel,
-        memory.clone(),
-        machine,
-        platform,
-    );
+    // SAFETY: as above; the memory also allocates.
+    let engine = unsafe {
+        Converter::new(
+            memory.clone(),
+            root,
+            PagingMode::FourLevel,
+            memory.clone(),
+            machine,
+            platform,
+        )
+    };
     let pause = baton.clone();
     memory.set_write_hook(Some(Box::new(move |_, _, _, _| pause.pause())));
     let pause = baton.clone();

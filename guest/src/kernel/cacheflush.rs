@@ -55,7 +55,7 @@ pub fn init(cc: CcMask) -> Result<(), TableError> {
         )?;
         let leaf = tables.unmap_leaf(va)?;
         bare::cpu::invlpg(va.0);
-        table.store(leaf.table.0, Ordering::SeqCst);
+        table.store(leaf.table().0, Ordering::SeqCst);
     }
     Ok(())
 }
@@ -125,8 +125,9 @@ impl Window {
         }
         // No stale translation to drop: the entry was empty, and `drop`
         // invalidated the last one.
-        DIRECT_MAP
-            .compare_exchange(table, index, 0, entry)
+        // SAFETY: `table` is the window's page table, a table of the
+        // kernel's tables (found by `init`'s walk of them, never freed).
+        unsafe { DIRECT_MAP.compare_exchange(table, index, 0, entry) }
             .map_err(|_| TableError::AlreadyMapped { va, level: size })?;
         Ok(Window {
             va,
@@ -147,7 +148,8 @@ impl Drop for Window {
         // Only this CPU writes its window's entry, and the CPU never does
         // (ACCESSED preset, no write access): it still holds `entry`. Only
         // this CPU can hold a translation of it.
-        let _ = DIRECT_MAP.compare_exchange(self.table, self.index, self.entry, 0);
+        // SAFETY: the window's page table, as in `map`.
+        let _ = unsafe { DIRECT_MAP.compare_exchange(self.table, self.index, self.entry, 0) };
         bare::cpu::invlpg(self.va.0);
     }
 }

@@ -49,7 +49,7 @@ pub fn trace_entry(what: &dyn core::fmt::Display, direction: Direction, va: Virt
     let cc = engine().platform().cc_mask();
     match engine().tables().lookup_address(va) {
         Ok(leaf) => {
-            let frame = cc.leaf_frame(leaf.entry, leaf.level).0 + (va.0 - leaf.va.0);
+            let frame = cc.leaf_frame(leaf.entry, leaf.level()).0 + (va.0 - leaf.va.0);
             println!(
                 "TRACE {what} direction={direction:?} pages={pages} va={va} entry={:#018x} present={} shared={} frame={frame:#x}",
                 leaf.entry.0,
@@ -133,14 +133,19 @@ pub fn init(root: PhysAddr, platform: GuestPlatform) -> &'static Engine {
         panic!("flush windows: {e:?}");
     }
     ENGINE.call_once(|| {
-        Converter::new(
-            DIRECT_MAP,
-            root,
-            PagingMode::FourLevel,
-            &FRAMES,
-            GuestMachine,
-            platform,
-        )
+        // SAFETY: `root` is the live kernel tables (`memory::build_tables`),
+        // whose frames DIRECT_MAP reaches and FRAMES hands out, changed only
+        // by atomic writes: this engine's and the kernel's own.
+        unsafe {
+            Converter::new(
+                DIRECT_MAP,
+                root,
+                PagingMode::FourLevel,
+                &FRAMES,
+                GuestMachine,
+                platform,
+            )
+        }
     })
 }
 

@@ -174,11 +174,13 @@ impl FrameAllocator {
     }
 }
 
-impl TableAllocator for FrameAllocator {
+// SAFETY: the frames are RAM below IDENTITY_MAPPED_END that DIRECT_MAP
+// reaches, handed out once until freed (the allocator's free list).
+unsafe impl TableAllocator for FrameAllocator {
     fn allocate_table(&self) -> Option<PhysAddr> {
         self.allocate().map(PhysAddr)
     }
-    fn free_table(&self, frame: PhysAddr) {
+    unsafe fn free_table(&self, frame: PhysAddr) {
         self.free(frame.0)
     }
 }
@@ -228,7 +230,8 @@ pub fn build_tables(
             .allocate_zeroed()
             .ok_or(TableError::OutOfTableMemory)?,
     );
-    let tables = PageTables::new(DIRECT_MAP, root, PagingMode::FourLevel, cc);
+    // SAFETY: a zeroed root from FRAMES, built up here through these tables.
+    let tables = unsafe { PageTables::new(DIRECT_MAP, root, PagingMode::FourLevel, cc) };
     let mib2 = Level::Pd.entry_span();
 
     for region in ram {
@@ -349,10 +352,14 @@ pub unsafe fn switch_to(root: PhysAddr) {
 
 /// The kernel's tables, after the switch.
 pub fn kernel_tables(cc: CcMask) -> KernelTables {
-    PageTables::new(
-        DIRECT_MAP,
-        PhysAddr(bare::cpu::read_cr3() & !0xfff),
-        PagingMode::FourLevel,
-        cc,
-    )
+    // SAFETY: CR3 holds the root `build_tables` made (`switch_to` loaded
+    // it): frames DIRECT_MAP reaches, changed only by atomic writes.
+    unsafe {
+        PageTables::new(
+            DIRECT_MAP,
+            PhysAddr(bare::cpu::read_cr3() & !0xfff),
+            PagingMode::FourLevel,
+            cc,
+        )
+    }
 }

@@ -140,7 +140,7 @@ fn uniform_state(va: u64, pages: u64) -> Option<(bool, bool, Level)> {
         let state = (
             leaf.entry.is_present(),
             cc().is_shared(leaf.entry),
-            leaf.level,
+            leaf.level(),
         );
         if *seen.get_or_insert(state) != state {
             return None;
@@ -170,11 +170,11 @@ fn check_fill(va: u64, pages: u64, seed: u8) -> bool {
 fn walker_on_live_tables() -> TestResult {
     let leaf = lookup(block(0)).map_err(|e| fail(format_args!("direct map: {e:?}")))?;
     ensure!(
-        leaf.level == Level::Pd,
+        leaf.level() == Level::Pd,
         "test area mapped at {:?}, want 2M",
-        leaf.level
+        leaf.level()
     );
-    let frame = cc().leaf_frame(leaf.entry, leaf.level);
+    let frame = cc().leaf_frame(leaf.entry, leaf.level());
     ensure!(
         frame.0 == test_area().0,
         "frame {frame:?} != {:#x}",
@@ -182,7 +182,11 @@ fn walker_on_live_tables() -> TestResult {
     );
     let (kernel_start, _) = kernel_image();
     let text = lookup(kernel_start).map_err(|e| fail(format_args!("kernel text: {e:?}")))?;
-    ensure!(text.level == Level::Pt, "kernel text at {:?}", text.level);
+    ensure!(
+        text.level() == Level::Pt,
+        "kernel text at {:?}",
+        text.level()
+    );
     ensure!(
         text.entry.flags().contains(PteFlags::PRESENT)
             && !text.entry.flags().contains(PteFlags::NO_EXECUTE),
@@ -218,7 +222,7 @@ fn frame_from_non_present_entries() -> TestResult {
         (big, Level::Pd, big - DIRECT_MAP_BASE),
     ] {
         let leaf = lookup(va).map_err(|e| fail(format_args!("{e:?}")))?;
-        ensure!(leaf.level == level, "{va:#x} at {:?}", leaf.level);
+        ensure!(leaf.level() == level, "{va:#x} at {:?}", leaf.level());
         tables
             .update_leaf(&leaf, |e| Pte(e.0 & !PteFlags::PRESENT.bits()))
             .map_err(|e| fail(format_args!("{e:?}")))?;
@@ -233,7 +237,7 @@ fn frame_from_non_present_entries() -> TestResult {
             cpu_view.is_none(),
             "a CPU-style walk still translates {va:#x}"
         );
-        let got = cc().leaf_frame(hidden.entry, hidden.level).0;
+        let got = cc().leaf_frame(hidden.entry, hidden.level()).0;
         ensure!(
             got == want,
             "{:?} leaf at {va:#x}: frame {got:#x}, want {want:#x}",
@@ -335,7 +339,8 @@ fn snapshot_tables(vas: &[u64; 3], first: usize) {
         *copy = [0; 512];
         if let Ok(leaf) = lookup(*va) {
             for (i, word) in copy.iter_mut().enumerate() {
-                *word = DIRECT_MAP.load(leaf.table, i);
+                // SAFETY: the table a walk of the kernel's tables found.
+                *word = unsafe { DIRECT_MAP.load(leaf.table(), i) };
             }
         }
     }

@@ -60,11 +60,14 @@ impl Frames {
     }
 }
 
-impl TableAllocator for Frames {
+// SAFETY: zeroed frames of the emulator's own RAM (identity-mapped, which
+// IDENTITY reaches), each handed out once and never reused (a frame given
+// back is simply not used again).
+unsafe impl TableAllocator for Frames {
     fn allocate_table(&self) -> Option<PhysAddr> {
         self.allocate().map(PhysAddr)
     }
-    fn free_table(&self, _frame: PhysAddr) {}
+    unsafe fn free_table(&self, _frame: PhysAddr) {}
 }
 
 pub static FRAMES: Frames = Frames::new();
@@ -93,12 +96,17 @@ impl TdMemory {
         Some(TdMemory {
             base,
             bytes,
-            nested: PageTables::new(
-                IDENTITY,
-                PhysAddr(root),
-                PagingMode::FourLevelNested,
-                CcMask::NONE,
-            ),
+            // SAFETY: a fresh zeroed root from FRAMES; the nested tables are
+            // built and changed only through these tables (atomically), and
+            // every frame of them comes from FRAMES.
+            nested: unsafe {
+                PageTables::new(
+                    IDENTITY,
+                    PhysAddr(root),
+                    PagingMode::FourLevelNested,
+                    CcMask::NONE,
+                )
+            },
             shared_bit,
         })
     }

@@ -385,12 +385,17 @@ impl Vcpu {
             return Some(linear);
         }
         let root = self.vmcb.read_u64(save::CR3) & 0x000f_ffff_ffff_f000;
-        let tables = PageTables::new(
-            GuestTables(self.memory),
-            PhysAddr(root),
-            PagingMode::FourLevel,
-            CcMask::tdx(super::GPAW).ok()?,
-        );
+        // SAFETY: the guest's tables are the guest's to get wrong, and
+        // GuestTables is sound for any address: it reads only TD memory (8
+        // aligned bytes, volatile) and writes nothing.
+        let tables = unsafe {
+            PageTables::new(
+                GuestTables(self.memory),
+                PhysAddr(root),
+                PagingMode::FourLevel,
+                CcMask::tdx(super::GPAW).ok()?,
+            )
+        };
         tables.translate(VirtAddr(linear)).map(|pa| pa.0)
     }
 
@@ -775,8 +780,10 @@ enum NativeWrite {
 /// The guest's page tables, read through TD memory.
 struct GuestTables(&'static TdMemory);
 
-impl coco_pagetable::TableMemory for GuestTables {
-    fn load(&self, table: PhysAddr, index: usize) -> u64 {
+// SAFETY: `load` reads the entry it names (or 0 outside TD memory); the
+// writes do nothing. It needs nothing of its callers.
+unsafe impl coco_pagetable::TableMemory for GuestTables {
+    unsafe fn load(&self, table: PhysAddr, index: usize) -> u64 {
         match self.0.host_address(table.0 + (index as u64 & 511) * 8) {
             // SAFETY: TD memory, identity-mapped; entries are 8-byte aligned.
             Some(hpa) => unsafe { core::ptr::read_volatile(hpa as *const u64) },
@@ -784,7 +791,7 @@ impl coco_pagetable::TableMemory for GuestTables {
         }
     }
     // The emulator never writes the guest's tables.
-    fn compare_exchange(
+    unsafe fn compare_exchange(
         &self,
         _table: PhysAddr,
         _index: usize,
@@ -793,5 +800,5 @@ impl coco_pagetable::TableMemory for GuestTables {
     ) -> Result<u64, u64> {
         Err(current)
     }
-    fn store_unpublished(&self, _table: PhysAddr, _index: usize, _value: u64) {}
+    unsafe fn store_unpublished(&self, _table: PhysAddr, _index: usize, _value: u64) {}
 }
