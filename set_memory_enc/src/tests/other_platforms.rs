@@ -136,7 +136,7 @@ fn snp_psc_partial_progress_is_resumed() {
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());
 }
 
-fn snp_quarantine(result: Result<ConvStats, ConvError<SnpError>>) -> Quarantine<SnpError> {
+fn quarantined<E: core::fmt::Debug>(result: Result<ConvStats, ConvError<E>>) -> Quarantine<E> {
     match result {
         Err(ConvError::Quarantined(q)) => q,
         other => panic!("expected a quarantine, got {other:?}"),
@@ -151,7 +151,7 @@ fn snp_psc_failure_quarantines_exactly_what_it_left_unknown() {
     let (fake, w) = snp_world(false);
     let va = DMAP + 4 * MIB2;
     fake.psc_fail_at(4 * MIB2 + 5 * PAGE_SIZE, 0x100 << 32);
-    let q = snp_quarantine(w.engine.set_memory_shared(VirtAddr(va), 16));
+    let q = quarantined(w.engine.set_memory_shared(VirtAddr(va), 16));
     assert_eq!(
         (q.va, q.gpa, q.bytes, q.cause),
         (
@@ -169,7 +169,7 @@ fn snp_psc_failure_quarantines_exactly_what_it_left_unknown() {
     w.engine.set_memory_shared(VirtAddr(va), 16).unwrap();
     fake.psc_backwards();
     fake.psc_pages_per_call(4);
-    let q = snp_quarantine(w.engine.set_memory_private(VirtAddr(va), 16));
+    let q = quarantined(w.engine.set_memory_private(VirtAddr(va), 16));
     assert_eq!(
         (q.va, q.bytes, q.cause),
         (
@@ -191,7 +191,7 @@ fn snp_pvalidate_unchanged_is_a_hostile_hypervisor_and_quarantines() {
     let (fake, w) = snp_world(false);
     let va = DMAP + 4 * MIB2;
     fake.take_page(4 * MIB2 + 3 * PAGE_SIZE);
-    let q = snp_quarantine(w.engine.set_memory_shared(VirtAddr(va), 8));
+    let q = quarantined(w.engine.set_memory_shared(VirtAddr(va), 8));
     assert_eq!(
         (q.va, q.bytes, q.cause),
         (
@@ -211,7 +211,7 @@ fn snp_pvalidate_unchanged_is_a_hostile_hypervisor_and_quarantines() {
     let (fake, w) = snp_world(false);
     w.engine.set_memory_shared(VirtAddr(va), 8).unwrap();
     fake.pvalidate_unchanged_at(4 * MIB2 + 6 * PAGE_SIZE);
-    let q = snp_quarantine(w.engine.set_memory_private(VirtAddr(va), 8));
+    let q = quarantined(w.engine.set_memory_private(VirtAddr(va), 8));
     assert_eq!(
         (q.va, q.gpa, q.bytes),
         (
@@ -239,7 +239,7 @@ fn snp_lying_psc_ends_in_quarantine() {
     let va = DMAP + 4 * MIB2;
     w.engine.set_memory_shared(VirtAddr(va), 8).unwrap();
     fake.psc_lie();
-    let q = snp_quarantine(w.engine.set_memory_private(VirtAddr(va), 8));
+    let q = quarantined(w.engine.set_memory_private(VirtAddr(va), 8));
     assert_eq!((q.va, q.bytes), (VirtAddr(va), 8 * PAGE_SIZE));
     assert!(matches!(
         q.cause,
@@ -360,10 +360,7 @@ fn vtom_failures_quarantine_from_the_first_page_not_done() {
         ..FakeHyperV::default()
     }));
     let w = vtom_world(hv);
-    let q = match w.engine.set_memory_shared(VirtAddr(va), 700) {
-        Err(ConvError::Quarantined(q)) => q,
-        other => panic!("{other:?}"),
-    };
+    let q = quarantined(w.engine.set_memory_shared(VirtAddr(va), 700));
     assert_eq!(
         (q.va, q.bytes, q.cause),
         (
@@ -379,10 +376,7 @@ fn vtom_failures_quarantine_from_the_first_page_not_done() {
         ..FakeHyperV::default()
     }));
     let w = vtom_world(liar);
-    let q = match w.engine.set_memory_shared(VirtAddr(va), 4) {
-        Err(ConvError::Quarantined(q)) => q,
-        other => panic!("{other:?}"),
-    };
+    let q = quarantined(w.engine.set_memory_shared(VirtAddr(va), 4));
     assert_eq!(
         (q.va, q.cause),
         (VirtAddr(va), VtomError::BadRepsCompleted(5))
@@ -393,10 +387,7 @@ fn vtom_failures_quarantine_from_the_first_page_not_done() {
         ..FakeHyperV::default()
     }));
     let w = vtom_world(stuck);
-    let q = match w.engine.set_memory_shared(VirtAddr(va), 4) {
-        Err(ConvError::Quarantined(q)) => q,
-        other => panic!("{other:?}"),
-    };
+    let q = quarantined(w.engine.set_memory_shared(VirtAddr(va), 4));
     assert_eq!(q.cause, VtomError::NoProgress);
     assert_eq!(stuck.calls.lock().unwrap().len(), 16);
 }
