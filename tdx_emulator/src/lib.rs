@@ -18,4 +18,5 @@ pub mod firmware;
 pub mod model;
 pub mod msr;
 mod page_slots;
+pub mod snp_exits;
 pub mod snp_model;
