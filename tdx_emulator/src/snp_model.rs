@@ -98,6 +98,78 @@ impl Default for SnpOptions {
     }
 }
 
+/// Why an SNP option word was refused; `Display` gives one line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnpOptionError<'w> {
+    /// A word the SNP mode does not know.
+    Unknown(&'w str),
+    /// `c-bit=` outside 32..=51 (it must also be below the L1's phys-bits).
+    CBit(&'w str),
+    /// `snp-wrong-state=` with something else than convert or kill.
+    Policy(&'w str),
+    /// `psc-pages-per-call=` without a number from 1 on.
+    PagesPerCall(&'w str),
+}
+
+impl fmt::Display for SnpOptionError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnpOptionError::Unknown(w) => write!(
+                f,
+                "SNP option \"{w}\": unknown (known: strict, lazy, c-bit=<32..51>, \
+                 snp-wrong-state=convert|kill, psc-pages-per-call=<n>, psc-lie)"
+            ),
+            SnpOptionError::CBit(w) => write!(f, "SNP option \"{w}\": c-bit= takes 32..=51"),
+            SnpOptionError::Policy(w) => {
+                write!(
+                    f,
+                    "SNP option \"{w}\": snp-wrong-state= takes convert or kill"
+                )
+            }
+            SnpOptionError::PagesPerCall(w) => {
+                write!(
+                    f,
+                    "SNP option \"{w}\": psc-pages-per-call= needs a number from 1 on"
+                )
+            }
+        }
+    }
+}
+
+impl SnpOptions {
+    /// Applies one word of the emulator's command line; a refused word
+    /// changes nothing.
+    pub fn parse_word<'w>(&mut self, word: &'w str) -> Result<(), SnpOptionError<'w>> {
+        match word {
+            "strict" => self.strict = true,
+            "lazy" => self.strict = false,
+            "psc-lie" => self.psc_lie = true,
+            _ => {
+                if let Some(bit) = word.strip_prefix("c-bit=") {
+                    match bit.parse::<u8>() {
+                        Ok(bit) if (32..=51).contains(&bit) => self.c_bit = bit,
+                        _ => return Err(SnpOptionError::CBit(word)),
+                    }
+                } else if let Some(policy) = word.strip_prefix("snp-wrong-state=") {
+                    self.policy = match policy {
+                        "convert" => RmpPolicy::Convert,
+                        "kill" => RmpPolicy::Kill,
+                        _ => return Err(SnpOptionError::Policy(word)),
+                    };
+                } else if let Some(n) = word.strip_prefix("psc-pages-per-call=") {
+                    match n.parse::<u64>() {
+                        Ok(n) if n >= 1 => self.psc_pages_per_call = n,
+                        _ => return Err(SnpOptionError::PagesPerCall(word)),
+                    }
+                } else {
+                    return Err(SnpOptionError::Unknown(word));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The counters of an SNP run (the `SNPEMU` line).
 #[derive(Default)]
 pub struct SnpCounters {
@@ -120,6 +192,34 @@ pub struct SnpCounters {
     pub rmp_violations: AtomicU64,
     /// Pages the hypervisor converted on such a violation.
     pub implicit_conversions: AtomicU64,
+}
+
+impl fmt::Display for SnpCounters {
+    /// The one line the harness parses: `SNPEMU name=value ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let load = |c: &AtomicU64| c.load(Ordering::SeqCst);
+        f.write_str("SNPEMU")?;
+        for (name, value) in [
+            ("msr_requests", load(&self.msr_requests)),
+            ("msr_psc", load(&self.msr_psc)),
+            ("ghcb_psc_calls", load(&self.ghcb_psc_calls)),
+            ("pages_to_private", load(&self.pages_to_private)),
+            ("pages_to_shared", load(&self.pages_to_shared)),
+            ("pvalidate_4k", load(&self.pvalidated[0])),
+            ("pvalidate_2m", load(&self.pvalidated[1])),
+            ("pvalidate_unchanged", load(&self.pvalidate_unchanged)),
+            (
+                "pvalidate_size_mismatch",
+                load(&self.pvalidate_size_mismatch),
+            ),
+            ("vc_404", load(&self.vc_page_not_validated)),
+            ("wrong_state", load(&self.rmp_violations)),
+            ("implicit_conversions", load(&self.implicit_conversions)),
+        ] {
+            write!(f, " {name}={value}")?;
+        }
+        Ok(())
+    }
 }
 
 /// What a nested fault of an SNP guest becomes.

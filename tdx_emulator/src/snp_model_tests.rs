@@ -345,3 +345,57 @@ fn cpuid_and_sev_status_report_snp_with_the_c_bit() {
         assert_eq!(SnpModel::SEV_STATUS & 0b111, 0b111);
     });
 }
+
+#[test]
+fn options_parse_and_refuse_with_one_line() {
+    let mut o = SnpOptions::default();
+    for word in [
+        "lazy",
+        "c-bit=51",
+        "snp-wrong-state=kill",
+        "psc-pages-per-call=7",
+        "psc-lie",
+    ] {
+        o.parse_word(word).unwrap();
+    }
+    assert_eq!(
+        o,
+        SnpOptions {
+            c_bit: 51,
+            strict: false,
+            policy: RmpPolicy::Kill,
+            psc_pages_per_call: 7,
+            psc_lie: true,
+        }
+    );
+    for bad in [
+        "c-bit=31",
+        "c-bit=52",
+        "c-bit=x",
+        "snp-wrong-state=ve",
+        "psc-pages-per-call=0",
+        "tdx",
+    ] {
+        let mut o = SnpOptions::default();
+        let e = o.parse_word(bad).unwrap_err();
+        let line = e.to_string();
+        assert!(line.contains(bad) && !line.contains('\n'), "{line}");
+        assert_eq!(o, SnpOptions::default(), "{bad} changed nothing");
+    }
+}
+
+#[test]
+fn the_counters_line_names_every_counter() {
+    with_snp(SnpOptions::default(), |model, fake, counters| {
+        model.msr_protocol((2 << 52) | (9 << 12) | 0x014, fake);
+        model.nested_fault(C | (10 * PAGE), false, fake);
+        let line = counters.to_string();
+        assert!(line.starts_with("SNPEMU "), "{line}");
+        assert!(
+            line.contains(" msr_psc=1 ") && line.contains(" vc_404=1 "),
+            "{line}"
+        );
+        assert!(line.contains(" wrong_state=0 "), "{line}");
+        assert_eq!(line.split_whitespace().count(), 13);
+    });
+}
