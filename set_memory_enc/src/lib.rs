@@ -447,7 +447,7 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, Some(direction))?;
+        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, direction)?;
         let cc = self.tables.cc_mask();
         let trace = |step| self.machine.on_step(step, direction, va, pages);
 
@@ -559,7 +559,7 @@ where
         pages: u64,
         direction: Direction,
     ) -> Result<ConvStats, ConvError<P::Error>> {
-        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, Some(direction))?;
+        let (range, _reservation, mut stats, runs) = self.prepare(va, pages, direction)?;
         let cc = self.tables.cc_mask();
         self.for_each_leaf(range, |leaf| {
             stats.leaves += 1;
@@ -586,11 +586,11 @@ where
         &self,
         va: VirtAddr,
         pages: u64,
-        direction: Option<Direction>,
+        direction: Direction,
     ) -> Result<(Range, inflight::Reservation<'_>, ConvStats, Runs), ConvError<P::Error>> {
         let range = self.check_arguments(va, pages)?;
         let reservation = self.reserve(range)?;
-        let runs = self.check_source_state(range, direction)?;
+        let runs = self.check_source_state(range, Some(direction))?;
         let splits = self.split_boundaries(range)?;
         let stats = ConvStats {
             pages,

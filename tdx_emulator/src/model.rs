@@ -411,14 +411,14 @@ impl Options {
                         _ => return error(OptionErrorKind::BadRetry),
                     });
                 } else if let Some(n) = word.strip_prefix("mapgpa-fail-after=") {
-                    match n.parse::<u64>() {
-                        Ok(n) if n >= 1 => self.map_gpa_fail_after = n,
-                        _ => return error(OptionErrorKind::MapGpaFailNotANumber),
+                    match count_from_one(n) {
+                        Some(n) => self.map_gpa_fail_after = n,
+                        None => return error(OptionErrorKind::MapGpaFailNotANumber),
                     }
                 } else if let Some(n) = word.strip_prefix("inject-double-ve=") {
-                    match n.parse::<u64>() {
-                        Ok(n) if n >= 1 => self.double_ve_at = n,
-                        _ => return error(OptionErrorKind::DoubleVeNotANumber),
+                    match count_from_one(n) {
+                        Some(n) => self.double_ve_at = n,
+                        None => return error(OptionErrorKind::DoubleVeNotANumber),
                     }
                 } else if let Some(policy) = word.strip_prefix("wrong-state=") {
                     self.wrong_state = match policy {
@@ -444,6 +444,11 @@ impl Options {
     pub fn memory_pages(&self) -> usize {
         (self.memory_bytes() / PAGE) as usize
     }
+}
+
+/// An option's count: a decimal number from 1 on.
+pub(crate) fn count_from_one(word: &str) -> Option<u64> {
+    word.parse::<u64>().ok().filter(|n| *n >= 1)
 }
 
 /// The words that give these options, for a configuration line.
@@ -562,7 +567,7 @@ impl Counters {
             .map_or(0, |c| c.load(Ordering::SeqCst))
     }
 
-    fn bump(counter: &AtomicU64) {
+    pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -829,7 +834,7 @@ pub struct TdModel<'a> {
     /// `[start, end)` whose first page's ACCEPT a hostile VMM fails
     /// (`accept-fail`), or takes away once the run's last page is accepted
     /// (`implicit-convert`); empty until a MapGPA armed it.
-    failing_accept: [AtomicU64; 2],
+    hostile_run: [AtomicU64; 2],
     /// The page a hostile VMM converted behind the guest's back
     /// (`implicit-convert`; [`NO_PAGE`] until then).
     taken: AtomicU64,
@@ -878,7 +883,7 @@ impl<'a> TdModel<'a> {
             ves_raised: AtomicU64::new(0),
             quarantine: [AtomicU64::new(0), AtomicU64::new(0)],
             stuck_answers: AtomicU64::new(0),
-            failing_accept: [AtomicU64::new(0), AtomicU64::new(0)],
+            hostile_run: [AtomicU64::new(0), AtomicU64::new(0)],
             taken: AtomicU64::new(NO_PAGE),
             counters,
         }
@@ -1431,8 +1436,8 @@ impl<'a> TdModel<'a> {
         let end = gpa + size;
         if let Some(kind) = self.options.accept_fail {
             let (fail_at, fail_end) = (
-                self.failing_accept[0].load(Ordering::SeqCst),
-                self.failing_accept[1].load(Ordering::SeqCst),
+                self.hostile_run[0].load(Ordering::SeqCst),
+                self.hostile_run[1].load(Ordering::SeqCst),
             );
             let armed = fail_end != 0 && gpa == fail_at;
             let first_time = armed && self.quarantine[1].load(Ordering::SeqCst) == 0;
@@ -1554,8 +1559,8 @@ impl<'a> TdModel<'a> {
     /// was told nothing.
     fn take_page_if_armed(&self, accepted_end: u64, backing: &impl Backing) {
         let (page, end) = (
-            self.failing_accept[0].load(Ordering::SeqCst),
-            self.failing_accept[1].load(Ordering::SeqCst),
+            self.hostile_run[0].load(Ordering::SeqCst),
+            self.hostile_run[1].load(Ordering::SeqCst),
         );
         if !self.options.implicit_convert
             || end == 0
@@ -1815,10 +1820,10 @@ impl<'a> TdModel<'a> {
         if (self.options.accept_fail.is_some() || self.options.implicit_convert)
             && !to_shared
             && size / PAGE > 3
-            && self.failing_accept[1].load(Ordering::SeqCst) == 0
+            && self.hostile_run[1].load(Ordering::SeqCst) == 0
         {
-            self.failing_accept[0].store(start + 3 * PAGE, Ordering::SeqCst);
-            self.failing_accept[1].store(end, Ordering::SeqCst);
+            self.hostile_run[0].store(start + 3 * PAGE, Ordering::SeqCst);
+            self.hostile_run[1].store(end, Ordering::SeqCst);
         }
         let stop = if self.options.map_gpa_retry_every_page {
             start + PAGE

@@ -13,6 +13,7 @@
 //! Written from those, not from the guest library (`snp_hypercall`), so the
 //! two do not share a mistake.
 
+use crate::model::Counters;
 use crate::page_slots::{self, BUSY};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -157,9 +158,9 @@ impl SnpOptions {
                         _ => return Err(SnpOptionError::Policy(word)),
                     };
                 } else if let Some(n) = word.strip_prefix("psc-pages-per-call=") {
-                    match n.parse::<u64>() {
-                        Ok(n) if n >= 1 => self.psc_pages_per_call = n,
-                        _ => return Err(SnpOptionError::PagesPerCall(word)),
+                    match crate::model::count_from_one(n) {
+                        Some(n) => self.psc_pages_per_call = n,
+                        None => return Err(SnpOptionError::PagesPerCall(word)),
                     }
                 } else {
                     return Err(SnpOptionError::Unknown(word));
@@ -315,8 +316,7 @@ pub const PSC_MAX_ENTRIES: usize = 253;
 pub struct SnpModel<'a> {
     states: &'a [AtomicU8],
     options: SnpOptions,
-    /// The registered GHCB GPA per vCPU is the vCPU loop's; the model
-    /// checks a registration request's page is shared.
+    /// What happened so far (the `SNPEMU` line).
     pub counters: &'a SnpCounters,
 }
 
@@ -558,13 +558,11 @@ impl<'a> SnpModel<'a> {
             Counters::bump(&self.counters.pvalidate_unchanged);
             return done(pvalidate_rc::SUCCESS, true);
         }
+        backing.set_mapping(gpa, after);
         if !validate {
             // Rescinded: the C=1 alias goes, on every vCPU, before the
             // guest can count on it.
-            backing.set_mapping(gpa, after);
             backing.flush_nested_tlbs();
-        } else {
-            backing.set_mapping(gpa, after);
         }
         page_slots::release(slot, after as u8);
         Counters::bump(&self.counters.pvalidated[0]);
@@ -612,14 +610,6 @@ impl<'a> SnpModel<'a> {
                 SnpFault::Retry
             }
         }
-    }
-}
-
-struct Counters;
-
-impl Counters {
-    fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -108,18 +108,18 @@ fn expected(scenario: &str) -> Expected {
     }
 }
 
-/// `implicit`: converting the run private again succeeds, and then the VMM
-/// takes the page at `taken` behind the guest's back. A load from the page
+/// `implicit`: converting the run at `run` private again succeeds, and then
+/// the VMM takes its page FAILING_ACCEPT_PAGE behind the guest's back. A load from the page
 /// before it that crosses into it (what load_unaligned_zeropad does) is the
 /// guest's news: the #VE handler records the lost GPA and zero-pads the load.
 /// The page is then retired, the quarantine coming back as a conversion's
 /// would. A failure is printed after `kind`.
-fn meet_the_taken_page(kind: &str, taken: VirtAddr) -> Option<Quarantine<TdxError>> {
+fn meet_the_taken_page(kind: &str, run: VirtAddr) -> Option<Quarantine<TdxError>> {
     let failed = |why: core::fmt::Arguments<'_>| {
         println!("HOSTILE kind={kind} result=failed: {why}");
         None
     };
-    let run = VirtAddr(taken.0 - FAILING_ACCEPT_PAGE * PAGE_SIZE);
+    let taken = VirtAddr(run.0 + FAILING_ACCEPT_PAGE * PAGE_SIZE);
     if let Err(e) = engine().set_memory_private(run, PAGES) {
         return failed(format_args!("going private again: {e:?}"));
     }
@@ -175,7 +175,7 @@ pub fn run(kind: &str) -> bool {
     }
     let page = |n: u64| va.0 + n * PAGE_SIZE;
     let q = if scenario == "implicit" {
-        match meet_the_taken_page(kind, VirtAddr(page(FAILING_ACCEPT_PAGE))) {
+        match meet_the_taken_page(kind, va) {
             Some(q) => q,
             None => return false,
         }
