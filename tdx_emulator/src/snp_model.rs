@@ -1,8 +1,8 @@
 //! The SEV-SNP side of the emulator (issue 9, part 2), host-tested: per-4K
 //! RMP state, the GHCB MSR protocol and GHCB-page page state change as a
 //! KVM-like hypervisor answers them, PVALIDATE as the CPU executes it, and
-//! what a nested fault means under the RMP checks. The vCPU loop does not
-//! run SNP guests yet; this is the model it will call.
+//! what a nested fault means under the RMP checks. The vCPU loop
+//! (hypervisor/snp.rs) calls it; everything here is host-tested.
 //!
 //! Sources, as for the TD model (docs/tdx-emulator.md has the table):
 //! AMD APM vol. 2 15.36.10 (Table 15-39: which access faults to whom),
@@ -19,6 +19,12 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 const PAGE: u64 = 4096;
+/// Pages per 2M block.
+const PAGES_2M: u64 = 512;
+/// The RMP entry's VMSA bit, kept beside the state in the page's byte (set
+/// by RMPADJUST; any change of the page's state clears it, as RMPUPDATE and
+/// PVALIDATE rewrite the entry).
+const VMSA: u8 = 0x40;
 
 /// RMP state of one 4K page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +40,7 @@ pub enum RmpState {
 
 impl RmpState {
     fn from_byte(byte: u8) -> RmpState {
-        match byte & !BUSY {
+        match byte & !(BUSY | VMSA) {
             1 => RmpState::Unvalidated,
             2 => RmpState::Validated,
             _ => RmpState::Shared,
@@ -85,6 +91,9 @@ pub struct SnpOptions {
     /// Hostile: a GHCB-page PSC reports every entry done and changes
     /// nothing.
     pub psc_lie: bool,
+    /// Every 2M PVALIDATE is FAIL_SIZEMISMATCH (as when the hypervisor
+    /// backs the guest with 4K RMP entries only).
+    pub refuse_2m_pvalidate: bool,
 }
 
 impl Default for SnpOptions {
@@ -95,6 +104,7 @@ impl Default for SnpOptions {
             policy: RmpPolicy::Convert,
             psc_pages_per_call: 0,
             psc_lie: false,
+            refuse_2m_pvalidate: false,
         }
     }
 }
@@ -118,7 +128,8 @@ impl fmt::Display for SnpOptionError<'_> {
             SnpOptionError::Unknown(w) => write!(
                 f,
                 "SNP option \"{w}\": unknown (known: strict, lazy, c-bit=<32..51>, \
-                 snp-wrong-state=convert|kill, psc-pages-per-call=<n>, psc-lie)"
+                 snp-wrong-state=convert|kill, psc-pages-per-call=<n>, psc-lie, \
+                 pvalidate-2m-refused)"
             ),
             SnpOptionError::CBit(w) => write!(f, "SNP option \"{w}\": c-bit= takes 32..=51"),
             SnpOptionError::Policy(w) => {
@@ -145,6 +156,7 @@ impl SnpOptions {
             "strict" => self.strict = true,
             "lazy" => self.strict = false,
             "psc-lie" => self.psc_lie = true,
+            "pvalidate-2m-refused" => self.refuse_2m_pvalidate = true,
             _ => {
                 if let Some(bit) = word.strip_prefix("c-bit=") {
                     match bit.parse::<u8>() {
@@ -172,7 +184,6 @@ impl SnpOptions {
 }
 
 /// The counters of an SNP run (the `SNPEMU` line).
-#[derive(Default)]
 pub struct SnpCounters {
     /// GHCB MSR protocol requests, and of those page state changes.
     pub msr_requests: AtomicU64,
@@ -193,6 +204,48 @@ pub struct SnpCounters {
     pub rmp_violations: AtomicU64,
     /// Pages the hypervisor converted on such a violation.
     pub implicit_conversions: AtomicU64,
+    /// #VC delivered for intercepts, by exit code: CPUID, IOIO, MSR, and
+    /// the rest (WBINVD, VMMCALL, ...).
+    pub vc_cpuid: AtomicU64,
+    pub vc_ioio: AtomicU64,
+    pub vc_msr: AtomicU64,
+    pub vc_other: AtomicU64,
+    /// VMGEXITs with a GHCB page (the MSR protocol counts above).
+    pub ghcb_exits: AtomicU64,
+    /// GHCB requests refused as malformed (not shared, not registered,
+    /// wrong usage or scratch, unknown exit code, bad VMSA).
+    pub ghcb_refused: AtomicU64,
+    /// APs started through AP creation.
+    pub aps_created: AtomicU64,
+    /// RMPADJUSTs that succeeded.
+    pub rmpadjust: AtomicU64,
+}
+
+impl SnpCounters {
+    /// Every counter at 0.
+    pub const fn new() -> Self {
+        SnpCounters {
+            msr_requests: AtomicU64::new(0),
+            msr_psc: AtomicU64::new(0),
+            ghcb_psc_calls: AtomicU64::new(0),
+            pages_to_private: AtomicU64::new(0),
+            pages_to_shared: AtomicU64::new(0),
+            pvalidated: [AtomicU64::new(0), AtomicU64::new(0)],
+            pvalidate_unchanged: AtomicU64::new(0),
+            pvalidate_size_mismatch: AtomicU64::new(0),
+            vc_page_not_validated: AtomicU64::new(0),
+            rmp_violations: AtomicU64::new(0),
+            implicit_conversions: AtomicU64::new(0),
+            vc_cpuid: AtomicU64::new(0),
+            vc_ioio: AtomicU64::new(0),
+            vc_msr: AtomicU64::new(0),
+            vc_other: AtomicU64::new(0),
+            ghcb_exits: AtomicU64::new(0),
+            ghcb_refused: AtomicU64::new(0),
+            aps_created: AtomicU64::new(0),
+            rmpadjust: AtomicU64::new(0),
+        }
+    }
 }
 
 impl fmt::Display for SnpCounters {
@@ -216,6 +269,14 @@ impl fmt::Display for SnpCounters {
             ("vc_404", load(&self.vc_page_not_validated)),
             ("wrong_state", load(&self.rmp_violations)),
             ("implicit_conversions", load(&self.implicit_conversions)),
+            ("vc_cpuid", load(&self.vc_cpuid)),
+            ("vc_ioio", load(&self.vc_ioio)),
+            ("vc_msr", load(&self.vc_msr)),
+            ("vc_other", load(&self.vc_other)),
+            ("ghcb_exits", load(&self.ghcb_exits)),
+            ("ghcb_refused", load(&self.ghcb_refused)),
+            ("aps_created", load(&self.aps_created)),
+            ("rmpadjust", load(&self.rmpadjust)),
         ] {
             write!(f, " {name}={value}")?;
         }
@@ -293,6 +354,11 @@ pub enum PvalidateEffect {
     Kill(SnpKill),
 }
 
+/// RMPADJUST return codes beyond PVALIDATE's.
+pub mod rmpadjust_rc {
+    pub const FAIL_PERMISSION: u32 = 2;
+}
+
 /// The GHCB MSR protocol's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsrAnswer {
@@ -300,6 +366,9 @@ pub enum MsrAnswer {
     Response(u64),
     /// The guest asked to terminate (reason set, reason code).
     Terminate { set: u8, code: u8 },
+    /// CPUID request: the vCPU loop answers `(value << 32) | 0x005` with
+    /// register `register` (0 EAX .. 3 EDX) of leaf `leaf`, sub-leaf 0.
+    Cpuid { leaf: u32, register: u8 },
 }
 
 /// SW_EXITINFO2 errors of a GHCB-page PSC (KVM `VMGEXIT_PSC_ERROR_*`).
@@ -384,6 +453,12 @@ impl<'a> SnpModel<'a> {
         let data = request >> 12;
         let answer = |code: u64, value: u64| MsrAnswer::Response((value << 12) | code);
         match request & 0xfff {
+            // CPUID: function in 63:32, register in 31:30 (sub-leaf 0:
+            // the MSR protocol has no ECX).
+            0x004 => MsrAnswer::Cpuid {
+                leaf: (request >> 32) as u32,
+                register: ((request >> 30) & 3) as u8,
+            },
             // SEV information: protocol 1..=2, the C-bit.
             0x002 => MsrAnswer::Response(
                 (2 << 48) | (1 << 32) | (u64::from(self.options.c_bit) << 24) | 0x001,
@@ -511,8 +586,11 @@ impl<'a> SnpModel<'a> {
 
     /// PVALIDATE of the page at `gpa` (no C-bit; the vCPU loop translated
     /// the guest's RAX through a present C=1 mapping), `size_2m` for ECX=1.
-    /// The RMP holds 4K pages only, so a 2M request is FAIL_SIZEMISMATCH
-    /// (the guest retries at 4K), as on hardware whose RMP entry is 4K.
+    /// A 2M PVALIDATE needs a 2M RMP entry: the model has one where the
+    /// whole aligned block is assigned and in one validated state (as a
+    /// hypervisor backing the block with a 2M page gives), else
+    /// FAIL_SIZEMISMATCH and the guest retries at 4K; `pvalidate-2m-refused`
+    /// makes every 2M request a mismatch.
     pub fn pvalidate(
         &self,
         gpa: u64,
@@ -521,20 +599,26 @@ impl<'a> SnpModel<'a> {
         backing: &impl SnpBacking,
     ) -> PvalidateEffect {
         let done = |rc, unchanged| PvalidateEffect::Done { rc, unchanged };
-        let align = if size_2m { 2 << 20 } else { PAGE };
+        let align = if size_2m { PAGES_2M * PAGE } else { PAGE };
         if !gpa.is_multiple_of(align) {
             return done(pvalidate_rc::FAIL_INPUT, false);
         }
-        if size_2m {
-            Counters::bump(&self.counters.pvalidate_size_mismatch);
-            return done(pvalidate_rc::FAIL_SIZEMISMATCH, false);
-        }
-        let Some(slot) = self.slot(gpa) else {
+        let pages = if size_2m { PAGES_2M } else { 1 };
+        let Some(slots) = usize::try_from(gpa / PAGE)
+            .ok()
+            .and_then(|first| self.states.get(first..first + pages as usize))
+        else {
             return PvalidateEffect::Kill(SnpKill::OutsideMemory { gpa });
         };
-        let before = RmpState::from_byte(page_slots::hold(slot));
-        if before == RmpState::Shared {
-            page_slots::release_unchanged(slot);
+        // Hold the whole block (in order: no two holders deadlock).
+        let first = RmpState::from_byte(page_slots::hold(&slots[0]));
+        let mut uniform = true;
+        for slot in &slots[1..] {
+            uniform &= RmpState::from_byte(page_slots::hold(slot)) == first;
+        }
+        let release_all = || slots.iter().for_each(page_slots::release_unchanged);
+        if first == RmpState::Shared && !size_2m {
+            release_all();
             // Not assigned to the guest: a nested fault to the hypervisor.
             Counters::bump(&self.counters.rmp_violations);
             return match self.options.policy {
@@ -548,25 +632,74 @@ impl<'a> SnpModel<'a> {
                 }
             };
         }
+        if size_2m && (!uniform || first == RmpState::Shared || self.options.refuse_2m_pvalidate) {
+            release_all();
+            Counters::bump(&self.counters.pvalidate_size_mismatch);
+            return done(pvalidate_rc::FAIL_SIZEMISMATCH, false);
+        }
+        let before = first;
         let after = if validate {
             RmpState::Validated
         } else {
             RmpState::Unvalidated
         };
         if before == after {
-            page_slots::release_unchanged(slot);
+            release_all();
             Counters::bump(&self.counters.pvalidate_unchanged);
             return done(pvalidate_rc::SUCCESS, true);
         }
-        backing.set_mapping(gpa, after);
+        for page in 0..pages {
+            backing.set_mapping(gpa + page * PAGE, after);
+        }
         if !validate {
             // Rescinded: the C=1 alias goes, on every vCPU, before the
             // guest can count on it.
             backing.flush_nested_tlbs();
         }
-        page_slots::release(slot, after as u8);
-        Counters::bump(&self.counters.pvalidated[0]);
+        slots
+            .iter()
+            .for_each(|slot| page_slots::release(slot, after as u8));
+        Counters::bump(&self.counters.pvalidated[usize::from(size_2m)]);
         done(pvalidate_rc::SUCCESS, false)
+    }
+
+    /// RMPADJUST of the page at `gpa` (no C-bit) from VMPL0 with RDX =
+    /// `attributes` (7:0 target VMPL, 15:8 permissions, 16 VMSA): the
+    /// target must be a lower-privilege VMPL (1..=3) and the page
+    /// validated; only the VMSA bit is modelled. Returns EAX (0 success, 1
+    /// FAIL_INPUT, 2 FAIL_PERMISSION, 6 FAIL_SIZEMISMATCH for 2M).
+    pub fn rmpadjust(&self, gpa: u64, size_2m: bool, attributes: u64) -> u32 {
+        let target_vmpl = attributes & 0xff;
+        if !gpa.is_multiple_of(PAGE) || attributes >> 17 != 0 {
+            return pvalidate_rc::FAIL_INPUT;
+        }
+        if size_2m {
+            return pvalidate_rc::FAIL_SIZEMISMATCH;
+        }
+        if !(1..=3).contains(&target_vmpl) {
+            return rmpadjust_rc::FAIL_PERMISSION;
+        }
+        let Some(slot) = self.slot(gpa) else {
+            return pvalidate_rc::FAIL_INPUT;
+        };
+        let byte = page_slots::hold(slot);
+        if RmpState::from_byte(byte) != RmpState::Validated {
+            page_slots::release_unchanged(slot);
+            return rmpadjust_rc::FAIL_PERMISSION;
+        }
+        let vmsa = if attributes & (1 << 16) != 0 { VMSA } else { 0 };
+        page_slots::release(slot, (byte & !VMSA) | vmsa);
+        Counters::bump(&self.counters.rmpadjust);
+        pvalidate_rc::SUCCESS
+    }
+
+    /// Whether the page at `gpa` is validated and marked as a VMSA (what AP
+    /// creation requires of the page it is given).
+    pub fn is_vmsa(&self, gpa: u64) -> bool {
+        self.slot(gpa).is_some_and(|slot| {
+            let byte = slot.load(Ordering::SeqCst);
+            byte & VMSA != 0 && RmpState::from_byte(byte) == RmpState::Validated
+        })
     }
 
     /// A nested fault at `gpa` (C-bit included as the guest put it on the

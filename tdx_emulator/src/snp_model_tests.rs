@@ -47,7 +47,7 @@ const C: u64 = 1 << 47;
 
 fn with_snp(options: SnpOptions, f: impl FnOnce(&SnpModel, &Fake, &SnpCounters)) {
     let states: Vec<AtomicU8> = (0..64).map(|_| AtomicU8::new(0)).collect();
-    let counters = SnpCounters::default();
+    let counters = SnpCounters::new();
     let model = SnpModel::new(&states, options, &counters);
     let fake = Fake::new(&states);
     // Launch: the image (page 0..4) validated, the rest assigned.
@@ -227,11 +227,6 @@ fn pvalidate_flips_the_validated_bit_or_reports_cf() {
             done(1, false)
         );
         assert_eq!(
-            model.pvalidate(0, true, true, fake),
-            done(6, false),
-            "4K RMP"
-        );
-        assert_eq!(
             model.pvalidate(PAGE, true, true, fake),
             done(1, false),
             "unaligned 2M"
@@ -355,6 +350,7 @@ fn options_parse_and_refuse_with_one_line() {
         "snp-wrong-state=kill",
         "psc-pages-per-call=7",
         "psc-lie",
+        "pvalidate-2m-refused",
     ] {
         o.parse_word(word).unwrap();
     }
@@ -366,6 +362,7 @@ fn options_parse_and_refuse_with_one_line() {
             policy: RmpPolicy::Kill,
             psc_pages_per_call: 7,
             psc_lie: true,
+            refuse_2m_pvalidate: true,
         }
     );
     for bad in [
@@ -396,6 +393,88 @@ fn the_counters_line_names_every_counter() {
             "{line}"
         );
         assert!(line.contains(" wrong_state=0 "), "{line}");
-        assert_eq!(line.split_whitespace().count(), 13);
+        assert_eq!(line.split_whitespace().count(), 21);
+    });
+}
+
+#[test]
+fn a_2m_pvalidate_needs_one_state_across_the_block_unless_refused() {
+    let states: Vec<AtomicU8> = (0..1024).map(|_| AtomicU8::new(0)).collect();
+    let counters = SnpCounters::new();
+    let fake = Fake::new(&states);
+    let done = |rc, unchanged| PvalidateEffect::Done { rc, unchanged };
+    let model = SnpModel::new(&states, SnpOptions::default(), &counters);
+    model.initialise(0, 1024 * PAGE, RmpState::Unvalidated, &fake);
+    model.initialise(3 * PAGE, 4 * PAGE, RmpState::Validated, &fake);
+    assert_eq!(
+        model.pvalidate(0, true, true, &fake),
+        done(6, false),
+        "mixed"
+    );
+    assert_eq!(model.state(0), Some(RmpState::Unvalidated), "unchanged");
+    let block = 512 * PAGE;
+    assert_eq!(model.pvalidate(block, true, true, &fake), done(0, false));
+    assert!((512..1024).all(|p| model.state(p * PAGE) == Some(RmpState::Validated)));
+    assert_eq!(
+        model.pvalidate(block, true, true, &fake),
+        done(0, true),
+        "CF=1"
+    );
+    assert_eq!(load(&counters.pvalidated[1]), 1);
+    assert!(states.iter().all(|s| s.load(Ordering::SeqCst) & BUSY == 0));
+    // The knob: every 2M request is a mismatch.
+    let refused = SnpOptions {
+        refuse_2m_pvalidate: true,
+        ..SnpOptions::default()
+    };
+    let model = SnpModel::new(&states, refused, &counters);
+    assert_eq!(model.pvalidate(block, true, false, &fake), done(6, false));
+    assert_eq!(model.state(block), Some(RmpState::Validated));
+}
+
+#[test]
+fn rmpadjust_marks_a_validated_page_as_a_vmsa_and_a_state_change_clears_it() {
+    with_snp(SnpOptions::default(), |model, fake, counters| {
+        let vmsa_vmpl1 = (1 << 16) | 1;
+        assert_eq!(
+            model.rmpadjust(5 * PAGE, false, vmsa_vmpl1),
+            2,
+            "unvalidated"
+        );
+        assert_eq!(
+            model.pvalidate(5 * PAGE, false, true, fake),
+            PvalidateEffect::Done {
+                rc: 0,
+                unchanged: false
+            }
+        );
+        assert_eq!(model.rmpadjust(5 * PAGE, false, 1 << 16), 2, "VMPL0 target");
+        assert_eq!(model.rmpadjust(5 * PAGE, true, vmsa_vmpl1), 6);
+        assert_eq!(model.rmpadjust(5 * PAGE + 8, false, vmsa_vmpl1), 1);
+        assert!(!model.is_vmsa(5 * PAGE));
+        assert_eq!(model.rmpadjust(5 * PAGE, false, vmsa_vmpl1), 0);
+        assert!(model.is_vmsa(5 * PAGE));
+        assert_eq!(
+            model.state(5 * PAGE),
+            Some(RmpState::Validated),
+            "state kept"
+        );
+        assert_eq!(load(&counters.rmpadjust), 1);
+        model.pvalidate(5 * PAGE, false, false, fake);
+        assert!(!model.is_vmsa(5 * PAGE), "rescinded: no longer a VMSA");
+    });
+}
+
+#[test]
+fn the_msr_protocol_cpuid_request_names_its_leaf_and_register() {
+    with_snp(SnpOptions::default(), |model, fake, _| {
+        let request = (0x8000_001f_u64 << 32) | (1 << 30) | 0x004;
+        assert_eq!(
+            model.msr_protocol(request, fake),
+            MsrAnswer::Cpuid {
+                leaf: 0x8000_001f,
+                register: 1
+            }
+        );
     });
 }
