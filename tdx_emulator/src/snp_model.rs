@@ -251,32 +251,45 @@ impl SnpCounters {
 impl fmt::Display for SnpCounters {
     /// The one line the harness parses: `SNPEMU name=value ...`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SNPEMU{}", self.fields())
+    }
+}
+
+impl SnpCounters {
+    /// The ` name=value` words of the line, for a caller that adds its own.
+    pub fn fields(&self) -> SnpCounterFields<'_> {
+        SnpCounterFields(self)
+    }
+}
+
+/// [`SnpCounters::fields`].
+pub struct SnpCounterFields<'a>(&'a SnpCounters);
+
+impl fmt::Display for SnpCounterFields<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let load = |c: &AtomicU64| c.load(Ordering::SeqCst);
-        f.write_str("SNPEMU")?;
+        let c = self.0;
         for (name, value) in [
-            ("msr_requests", load(&self.msr_requests)),
-            ("msr_psc", load(&self.msr_psc)),
-            ("ghcb_psc_calls", load(&self.ghcb_psc_calls)),
-            ("pages_to_private", load(&self.pages_to_private)),
-            ("pages_to_shared", load(&self.pages_to_shared)),
-            ("pvalidate_4k", load(&self.pvalidated[0])),
-            ("pvalidate_2m", load(&self.pvalidated[1])),
-            ("pvalidate_unchanged", load(&self.pvalidate_unchanged)),
-            (
-                "pvalidate_size_mismatch",
-                load(&self.pvalidate_size_mismatch),
-            ),
-            ("vc_404", load(&self.vc_page_not_validated)),
-            ("wrong_state", load(&self.rmp_violations)),
-            ("implicit_conversions", load(&self.implicit_conversions)),
-            ("vc_cpuid", load(&self.vc_cpuid)),
-            ("vc_ioio", load(&self.vc_ioio)),
-            ("vc_msr", load(&self.vc_msr)),
-            ("vc_other", load(&self.vc_other)),
-            ("ghcb_exits", load(&self.ghcb_exits)),
-            ("ghcb_refused", load(&self.ghcb_refused)),
-            ("aps_created", load(&self.aps_created)),
-            ("rmpadjust", load(&self.rmpadjust)),
+            ("msr_requests", load(&c.msr_requests)),
+            ("msr_psc", load(&c.msr_psc)),
+            ("ghcb_psc_calls", load(&c.ghcb_psc_calls)),
+            ("pages_to_private", load(&c.pages_to_private)),
+            ("pages_to_shared", load(&c.pages_to_shared)),
+            ("pvalidate_4k", load(&c.pvalidated[0])),
+            ("pvalidate_2m", load(&c.pvalidated[1])),
+            ("pvalidate_unchanged", load(&c.pvalidate_unchanged)),
+            ("pvalidate_size_mismatch", load(&c.pvalidate_size_mismatch)),
+            ("vc_404", load(&c.vc_page_not_validated)),
+            ("wrong_state", load(&c.rmp_violations)),
+            ("implicit_conversions", load(&c.implicit_conversions)),
+            ("vc_cpuid", load(&c.vc_cpuid)),
+            ("vc_ioio", load(&c.vc_ioio)),
+            ("vc_msr", load(&c.vc_msr)),
+            ("vc_other", load(&c.vc_other)),
+            ("ghcb_exits", load(&c.ghcb_exits)),
+            ("ghcb_refused", load(&c.ghcb_refused)),
+            ("aps_created", load(&c.aps_created)),
+            ("rmpadjust", load(&c.rmpadjust)),
         ] {
             write!(f, " {name}={value}")?;
         }

@@ -63,6 +63,17 @@ pub fn port_io(port: u16, size: u8, write: bool, value: u32) -> Option<u32> {
     }
     if write && port == PAGE_STATE_PORT {
         let gpa = u64::from(value) << 12;
+        if let Some(snp) = super::snp() {
+            use tdx_emulator::snp_model::RmpState;
+            let (state, mapped) = match snp.state(gpa) {
+                Some(RmpState::Validated) => ("validated", "private"),
+                Some(RmpState::Unvalidated) => ("unvalidated", "ciphertext"),
+                Some(RmpState::Shared) => ("shared", "shared"),
+                None => ("outside", "none"),
+            };
+            bare::println!("SNPEMU page={gpa:#x} state={state} mapped={mapped}");
+            return None;
+        }
         // The state, and which alias the nested tables map for it.
         let (state, mapped) = match super::td().state(gpa) {
             Some(PageState::Private) => ("private", "private"),

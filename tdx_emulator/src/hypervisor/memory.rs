@@ -7,9 +7,10 @@
 use coco_pagetable::{
     CcMask, Level, PageTables, PagingMode, PhysAddr, PteFlags, TableAllocator, VirtAddr,
 };
-use core::sync::atomic::AtomicU8;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use spin::Mutex;
 use tdx_emulator::model::{Backing, PageState};
+use tdx_emulator::snp_model::{RmpState, SnpBacking};
 
 /// The most TD memory the emulator offers (the `memory=` option's limit).
 pub const MAX_TD_BYTES: u64 = 1536 << 20;
@@ -83,7 +84,16 @@ pub struct TdMemory {
     pub bytes: u64,
     pub nested: PageTables<Identity>,
     pub shared_bit: u64,
+    /// SNP mode: the C-bit (the private alias's bit), and the host frame
+    /// every C=0 alias of a private page maps read-only (0 in TD mode).
+    pub c_bit: u64,
+    ciphertext: AtomicU64,
 }
+
+/// What a C=0 read of a private page returns: no byte of the guest's data
+/// (real hardware returns the ciphertext; any fixed pattern shows the same
+/// mistake).
+pub const CIPHERTEXT_BYTE: u8 = 0xc1;
 
 /// Flags of a nested leaf: nested walks are user accesses, so U is needed.
 fn nested_flags() -> PteFlags {
@@ -108,7 +118,58 @@ impl TdMemory {
                 )
             },
             shared_bit,
+            c_bit: 0,
+            ciphertext: AtomicU64::new(0),
         })
+    }
+
+    /// Makes this the memory of an SNP guest with C-bit `c_bit`.
+    pub fn enable_snp(&mut self, c_bit: u64) -> Option<()> {
+        let frame = FRAMES.allocate()?;
+        // SAFETY: the frame just allocated, identity-mapped, used only as
+        // the ciphertext frame from now on.
+        unsafe { core::ptr::write_bytes(frame as *mut u8, CIPHERTEXT_BYTE, 4096) };
+        self.ciphertext.store(frame, Ordering::SeqCst);
+        self.c_bit = c_bit;
+        Some(())
+    }
+
+    /// Maps `alias` to `target` (host frame, writable) or unmaps it.
+    fn ensure_exactly(&self, alias: u64, target: Option<(u64, bool)>) {
+        let current = self
+            .nested
+            .lookup_address(VirtAddr(alias))
+            .ok()
+            .filter(|leaf| leaf.entry.is_present())
+            .map(|leaf| {
+                (
+                    leaf.entry.0 & 0x000f_ffff_ffff_f000,
+                    leaf.entry.flags().contains(PteFlags::WRITABLE),
+                )
+            });
+        if current == target {
+            return;
+        }
+        if current.is_some() {
+            let _ = self.nested.unmap_leaf(VirtAddr(alias));
+        }
+        if let Some((hpa, writable)) = target {
+            let flags = if writable {
+                nested_flags()
+            } else {
+                nested_flags() - PteFlags::WRITABLE
+            };
+            if let Err(e) = self.nested.map_leaf(
+                VirtAddr(alias),
+                PhysAddr(hpa),
+                Level::Pt,
+                flags,
+                false,
+                &FRAMES,
+            ) {
+                panic!("nested map of {alias:#x}: {e:?}");
+            }
+        }
     }
 
     pub fn root(&self) -> u64 {
@@ -177,6 +238,31 @@ impl Backing for TdMemory {
             // to it at this moment (it is being converted or accepted).
             unsafe { core::ptr::write_bytes((self.base + gpa) as *mut u8, 0, 4096) };
         }
+    }
+
+    fn flush_nested_tlbs(&self) {
+        super::vcpu::flush_nested_tlbs_everywhere();
+    }
+}
+
+/// The SNP aliases (tdx_emulator::snp_model::SnpBacking): `gpa | C` maps
+/// the page only while it is validated; `gpa` maps it read-write while it
+/// is shared and the ciphertext frame read-only while it is the guest's.
+impl SnpBacking for TdMemory {
+    fn set_mapping(&self, gpa: u64, state: RmpState) {
+        let hpa = self.base + gpa;
+        let private = (state == RmpState::Validated).then_some((hpa, true));
+        let shared = if state == RmpState::Shared {
+            (hpa, true)
+        } else {
+            (self.ciphertext.load(Ordering::SeqCst), false)
+        };
+        self.ensure_exactly(gpa | self.c_bit, private);
+        self.ensure_exactly(gpa, Some(shared));
+    }
+
+    fn zero_page(&self, gpa: u64) {
+        Backing::zero_page(self, gpa)
     }
 
     fn flush_nested_tlbs(&self) {

@@ -17,6 +17,8 @@ use memory::{TdMemory, FRAMES, MAX_TD_BYTES, PAGE_STATES};
 use tdx_emulator::bzimage::{self, BzImage, E820Entry, KernelFormat};
 use tdx_emulator::firmware;
 use tdx_emulator::model::{exit_reason, Counters, Options, PageState, TdModel};
+use tdx_emulator::snp_exits::VmsaState;
+use tdx_emulator::snp_model::{RmpState, SnpCounters, SnpModel, SnpOptions};
 
 /// Host-physical address of the TD's guest-physical 0.
 const TD_BASE: u64 = 512 << 20;
@@ -26,6 +28,15 @@ const GPAW: u8 = 48;
 const INITRD_FILE: &str = "opt/tdx-emulator/initrd";
 
 static COUNTERS: Counters = Counters::new();
+static SNP_COUNTERS: SnpCounters = SnpCounters::new();
+/// The SNP model, in SNP mode only (option `snp`).
+static SNP: spin::Once<SnpModel<'static>> = spin::Once::new();
+/// AP creation's hand-over: the state a VMGEXIT AP_CREATE gave each vCPU,
+/// taken by the emulator CPU that runs it.
+static AP_VMSA: [spin::Mutex<Option<VmsaState>>; vcpu::MAX_VCPUS] =
+    [const { spin::Mutex::new(None) }; vcpu::MAX_VCPUS];
+static AP_STARTED: [core::sync::atomic::AtomicBool; vcpu::MAX_VCPUS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; vcpu::MAX_VCPUS];
 static TD: spin::Once<TdModel<'static>> = spin::Once::new();
 static MEMORY: spin::Once<TdMemory> = spin::Once::new();
 static APIC: spin::Once<Apic> = spin::Once::new();
@@ -77,6 +88,28 @@ pub fn firmware_layout() -> FirmwareLayout {
     LAYOUT
 }
 
+/// The SNP model, if the guest is an SNP guest.
+pub fn snp() -> Option<&'static SnpModel<'static>> {
+    SNP.get()
+}
+
+/// Hands vCPU `apic_id` the state AP creation read from its VMSA; false
+/// if there is no such vCPU, it is this one, or it runs already.
+pub fn post_vmsa(apic_id: u64, me: usize, state: VmsaState) -> bool {
+    let Ok(vcpu) = usize::try_from(apic_id) else {
+        return false;
+    };
+    if vcpu >= TD_VCPUS.load(Ordering::SeqCst)
+        || vcpu == me
+        || vcpu == 0
+        || AP_STARTED[vcpu].swap(true, Ordering::SeqCst)
+    {
+        return false;
+    }
+    *AP_VMSA[vcpu].lock() = Some(state);
+    true
+}
+
 pub fn td() -> &'static TdModel<'static> {
     TD.get().expect("TD set up before vCPUs run")
 }
@@ -106,16 +139,26 @@ fn command_line(pa: u64) -> &'static str {
 }
 
 /// Emulator options before the first `--` word, the kernel's command line
-/// (every word) after it.
-fn parse_options(line: &'static str) -> (Options, &'static str) {
+/// (every word) after it. With the word `snp` the guest is an SEV-SNP
+/// guest, and only the SNP words and `memory=` apply.
+fn parse_options(line: &'static str) -> (Options, Option<SnpOptions>, &'static str) {
     let (ours, kernel) = split_at_separator(line);
     let mut options = Options::default();
+    let snp = ours.split_whitespace().any(|word| word == "snp");
+    let mut snp_options = SnpOptions::default();
     for word in ours.split_whitespace() {
-        if let Err(e) = options.parse_word(word) {
+        if snp && word == "snp" {
+            continue;
+        }
+        if snp && !word.starts_with("memory=") {
+            if let Err(e) = snp_options.parse_word(word) {
+                refuse("option", e);
+            }
+        } else if let Err(e) = options.parse_word(word) {
             refuse("option", e);
         }
     }
-    (options, kernel.trim())
+    (options, snp.then_some(snp_options), kernel.trim())
 }
 
 /// `line` before and after its first word `--` (all of it before if none).
@@ -211,7 +254,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
     println!("emulator: booted");
     let info = BootInfo::parse(&bare::bootinfo::IdentityMapped, start_info)
         .unwrap_or_else(|e| panic!("start info: {e:?}"));
-    let (options, kernel_line) = parse_options(command_line(info.cmdline));
+    let (options, snp_options, kernel_line) = parse_options(command_line(info.cmdline));
     let (module, module_size) = info.first_module.unwrap_or_else(|| {
         refuse(
             "kernel file",
@@ -264,10 +307,44 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         );
     }
 
+    if let Some(snp) = snp_options {
+        // TCG walks the guest's tables with the L1 CPU's phys-bits: a C-bit
+        // at or above them is a reserved bit, not an address bit.
+        let phys_bits = (bare::cpu::cpuid(0x8000_0008, 0).eax & 0xff) as u8;
+        if snp.c_bit >= phys_bits {
+            refuse(
+                "option",
+                format_args!(
+                    "c-bit={} needs QEMU phys-bits above it (this CPU has {phys_bits}: -cpu ...,phys-bits={})",
+                    snp.c_bit,
+                    snp.c_bit + 1
+                ),
+            );
+        }
+    }
     let memory = MEMORY.call_once(|| {
-        TdMemory::new(TD_BASE, td_bytes, 1 << (GPAW - 1)).expect("no memory for nested tables")
+        let mut memory =
+            TdMemory::new(TD_BASE, td_bytes, 1 << (GPAW - 1)).expect("no memory for nested tables");
+        if let Some(snp) = snp_options {
+            memory
+                .enable_snp(1 << snp.c_bit)
+                .expect("no memory for the ciphertext frame");
+        }
+        memory
     });
     let pages = (td_bytes / 4096) as usize;
+    if let Some(snp_options) = snp_options {
+        boot_snp(
+            memory,
+            snp_options,
+            pages,
+            kernel_file,
+            module_size,
+            cpus,
+            kernel_line,
+            &apic_ids[..cpus],
+        );
+    }
     let td =
         TD.call_once(|| TdModel::new(&PAGE_STATES[..pages], GPAW, cpus as u32, options, &COUNTERS));
     // All of RAM accepted (as TD firmware leaves it for a kernel without
@@ -286,7 +363,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
     if let Some((start, size)) = initrd {
         td.initialise(start, start + size, PageState::Private, memory);
     }
-    build_firmware(memory, cpus, kernel_line, kernel.bz.as_ref(), initrd);
+    build_firmware(memory, cpus, kernel_line, kernel.bz.as_ref(), initrd, 0);
     println!(
         "emulator: TD of {} MiB, GPAW {GPAW}, {cpus} vCPU(s), RAM {}, wrong-state policy {:?}{}{}; entry {:#x}, {} kernel of {} KiB, initramfs {} KiB, command line {kernel_line:?}",
         td_bytes >> 20,
@@ -300,8 +377,68 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         initrd.map_or(0, |(_, size)| size >> 10),
     );
     build_permission_maps();
+    start_vcpus(memory, &apic_ids[..cpus], kernel.entry)
+}
 
-    start_cpus(&apic_ids[..cpus]);
+/// The SNP guest's launch: RAM assigned and unvalidated (`strict`) or
+/// shared (`lazy`), the firmware pages, the image and the initramfs
+/// validated (as SNP_LAUNCH_UPDATE leaves what it measured), the boot map
+/// with the C-bit in every entry.
+#[allow(clippy::too_many_arguments)]
+fn boot_snp(
+    memory: &'static TdMemory,
+    options: SnpOptions,
+    pages: usize,
+    kernel_file: &'static [u8],
+    module_size: u64,
+    cpus: usize,
+    kernel_line: &str,
+    apic_ids: &[u32],
+) -> ! {
+    let snp = SNP.call_once(|| SnpModel::new(&PAGE_STATES[..pages], options, &SNP_COUNTERS));
+    let rest = if options.strict {
+        RmpState::Unvalidated
+    } else {
+        RmpState::Shared
+    };
+    snp.initialise(0, memory.bytes, rest, memory);
+    snp.initialise(0, FIRMWARE_END, RmpState::Validated, memory);
+    let kernel = load_kernel(kernel_file, memory);
+    snp.initialise(kernel.image.0, kernel.image.1, RmpState::Validated, memory);
+    let initrd = load_initrd(kernel.bz.as_ref(), kernel.image.1, memory);
+    if let Some((start, size)) = initrd {
+        snp.initialise(start, start + size, RmpState::Validated, memory);
+    }
+    build_firmware(
+        memory,
+        cpus,
+        kernel_line,
+        kernel.bz.as_ref(),
+        initrd,
+        memory.c_bit,
+    );
+    println!(
+        "emulator: SNP guest of {} MiB, C-bit {}, {cpus} vCPU(s), RAM {}, RMP-violation policy {:?}{}{}{}; entry {:#x}, {} kernel of {} KiB, command line {kernel_line:?}",
+        memory.bytes >> 20,
+        options.c_bit,
+        if options.strict { "unvalidated" } else { "shared" },
+        options.policy,
+        match options.psc_pages_per_call {
+            0 => "",
+            _ => ", PSC partial progress",
+        },
+        if options.psc_lie { ", PSC lies" } else { "" },
+        if options.refuse_2m_pvalidate { ", 2M PVALIDATE refused" } else { "" },
+        kernel.entry,
+        if kernel.bz.is_some() { "bzImage" } else { "ELF" },
+        module_size >> 10,
+    );
+    build_permission_maps();
+    start_vcpus(memory, apic_ids, kernel.entry)
+}
+
+fn start_vcpus(memory: &'static TdMemory, apic_ids: &[u32], entry: u64) -> ! {
+    start_cpus(apic_ids);
     clock::calibrate(APIC.get().expect("APIC set up by start_cpus"));
     println!(
         "emulator: TSC {} MHz, APIC timer {} MHz",
@@ -313,7 +450,7 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         0,
         memory,
         vcpu::Start::Boot64 {
-            entry: kernel.entry,
+            entry,
             boot_params: LAYOUT.boot_params,
         },
     )
@@ -337,6 +474,7 @@ fn build_firmware(
     kernel_line: &str,
     bz: Option<&BzImage>,
     initrd: Option<(u64, u64)>,
+    c_bit: u64,
 ) {
     let layout = firmware_layout();
     let ids: [u32; vcpu::MAX_VCPUS] = core::array::from_fn(|i| i as u32);
@@ -367,16 +505,20 @@ fn build_firmware(
     )
     .unwrap_or_else(|e| refuse("command line", e));
     // APs woken through the mailbox, and the boot vCPU until it loads its
-    // own, run on an identity map of the low 4 GiB.
+    // own, run on an identity map of the low 4 GiB (for an SNP guest with
+    // the C-bit in every entry, as its firmware's map has it).
     let pml4 = layout.ap_tables;
     let pdpt = pml4 + 0x1000;
     let put = |gpa: u64, value: u64| memory.write(gpa, &value.to_le_bytes());
-    put(pml4, pdpt | 3);
+    put(pml4, pdpt | c_bit | 3);
     for gib in 0..4 {
         let directory = pdpt + 0x1000 * (gib + 1);
-        put(pdpt + gib * 8, directory | 3);
+        put(pdpt + gib * 8, directory | c_bit | 3);
         for entry in 0..512 {
-            put(directory + entry * 8, ((gib << 30) + (entry << 21)) | 0x83);
+            put(
+                directory + entry * 8,
+                ((gib << 30) + (entry << 21)) | c_bit | 0x83,
+            );
         }
     }
     const CODE64: u64 = 0x00af_9a00_0000_ffff;
@@ -554,6 +696,15 @@ extern "C" fn emulator_ap_main(cpu: usize) -> ! {
     }
     bare::cpu::enable_interrupts();
     let memory = MEMORY.get().expect("TD memory set up before the APs");
+    if snp().is_some() {
+        // An SNP guest starts its APs through AP creation.
+        loop {
+            if let Some(state) = AP_VMSA[cpu].lock().take() {
+                vcpu::run(cpu, memory, vcpu::Start::Vmsa(state));
+            }
+            core::hint::spin_loop();
+        }
+    }
     let mailbox = memory.base + firmware_layout().mailbox;
     // SAFETY: the mailbox is TD memory, identity-mapped, naturally aligned;
     // the TD writes it concurrently, hence atomics.
@@ -584,6 +735,19 @@ pub fn print_counters() {
 /// through devices::SNAPSHOT_PORT.
 pub fn print_counters_tagged(tag: Option<u32>) {
     let c = &COUNTERS;
+    if snp().is_some() {
+        let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        let tag = TagWord(tag);
+        println!(
+            "SNPEMU{tag}{} ipis={} nested_page_faults={} reflected_ud={} absent_device_accesses={}",
+            SNP_COUNTERS.fields(),
+            load(&c.ipis),
+            load(&c.nested_page_faults),
+            load(&vcpu::REFLECTED_UD),
+            load(&devices::ABSENT_IO) + load(&devices::ABSENT_MMIO),
+        );
+        return;
+    }
     let load = |a: &AtomicU64| a.load(Ordering::SeqCst);
     let ve = |reason| c.ve(reason);
     let leaf = |n: usize| load(&c.tdcalls_by_leaf[n]);
@@ -632,6 +796,18 @@ pub fn print_counters_tagged(tag: Option<u32>) {
     match tag {
         Some(tag) => println!("TDXEMU snapshot={tag}{}", CounterLine(&counters)),
         None => println!("TDXEMU{}", CounterLine(&counters)),
+    }
+}
+
+/// ` snapshot=<tag>` when there is one.
+struct TagWord(Option<u32>);
+
+impl core::fmt::Display for TagWord {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(tag) => write!(f, " snapshot={tag}"),
+            None => Ok(()),
+        }
     }
 }
 

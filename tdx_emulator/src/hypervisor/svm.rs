@@ -19,6 +19,8 @@ pub mod control {
     pub const ASID: usize = 0x058;
     pub const TLB_CONTROL: usize = 0x05c;
     pub const VIRTUAL_INTERRUPT: usize = 0x060;
+    /// Bit 0: the guest is in an interrupt shadow (after STI or MOV SS).
+    pub const INTERRUPT_SHADOW: usize = 0x068;
     pub const EXIT_CODE: usize = 0x070;
     pub const EXIT_INFO1: usize = 0x078;
     pub const EXIT_INFO2: usize = 0x080;
@@ -38,7 +40,9 @@ pub mod save {
     pub const GS: usize = 0x450;
     pub const GDTR: usize = 0x460;
     pub const LDTR: usize = 0x470;
+    pub const IDTR: usize = 0x480;
     pub const TR: usize = 0x490;
+    pub const CPL: usize = 0x4cb;
     pub const EFER: usize = 0x4d0;
     pub const CR4: usize = 0x548;
     pub const CR3: usize = 0x550;
@@ -49,6 +53,7 @@ pub mod save {
     pub const RIP: usize = 0x578;
     pub const RSP: usize = 0x5d8;
     pub const RAX: usize = 0x5f8;
+    pub const CR2: usize = 0x640;
     pub const G_PAT: usize = 0x668;
 }
 
@@ -66,6 +71,7 @@ pub mod exit {
     pub const IOIO: u64 = 0x7b;
     pub const MSR: u64 = 0x7c;
     pub const SHUTDOWN: u64 = 0x7f;
+    pub const VMMCALL: u64 = 0x81;
     pub const WBINVD: u64 = 0x89;
     pub const NPF: u64 = 0x400;
     pub const INVALID: u64 = u64::MAX;
@@ -86,6 +92,8 @@ pub mod intercept {
     pub const SHUTDOWN: u32 = 1 << 31;
     /// In MISC2.
     pub const VMRUN: u32 = 1 << 0;
+    /// In MISC2 (VMGEXIT arrives as VMMCALL under TCG).
+    pub const VMMCALL: u32 = 1 << 1;
     /// In MISC2.
     pub const WBINVD: u32 = 1 << 9;
     /// In the exception vector.
@@ -134,6 +142,21 @@ impl Vmcb {
     pub fn write_u64(&self, offset: usize, value: u64) {
         // SAFETY: as read_u64.
         unsafe { core::ptr::write_volatile(self.field::<u64>(offset), value) }
+    }
+
+    pub fn read_u32(&self, offset: usize) -> u32 {
+        // SAFETY: as read_u64.
+        unsafe { core::ptr::read_volatile(self.field::<u32>(offset)) }
+    }
+
+    pub fn read_u8(&self, offset: usize) -> u8 {
+        // SAFETY: as read_u64.
+        unsafe { core::ptr::read_volatile(self.field::<u8>(offset)) }
+    }
+
+    pub fn read_u16(&self, offset: usize) -> u16 {
+        // SAFETY: as read_u64.
+        unsafe { core::ptr::read_volatile(self.field::<u16>(offset)) }
     }
 
     pub fn write_u32(&self, offset: usize, value: u32) {

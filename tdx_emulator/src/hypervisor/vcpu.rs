@@ -19,6 +19,8 @@ use tdx_emulator::model::{
 use tdx_emulator::msr::{self, MsrPolicy};
 use tdx_hypercall::TdcallRegs;
 
+mod snp;
+
 /// Maximum vCPUs.
 pub const MAX_VCPUS: usize = 16;
 /// The emulator-internal IPI that makes a CPU leave guest mode.
@@ -77,6 +79,9 @@ pub enum Start {
     /// An AP woken through the mailbox: 64-bit mode at `vector`, RDI = APIC ID
     /// (ACPI 6.4 section 5.2.12.19).
     Mailbox { vector: u64 },
+    /// An SNP guest's AP, created from the VMSA its guest gave (GHCB AP
+    /// creation): every register as the VMSA holds it.
+    Vmsa(tdx_emulator::snp_exits::VmsaState),
 }
 
 const FLAT_CODE64: u16 = 0xa9b;
@@ -101,11 +106,16 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
     svm::enable(page());
     let host_vmcb = page();
     let layout = firmware_layout();
+    let snp = super::snp().is_some();
     vmcb.write_u32(control::INTERCEPT_EXCEPTIONS, intercept::UD);
-    vmcb.write_u32(
-        control::INTERCEPT_CR,
-        intercept::CR0_WRITE | intercept::CR4_WRITE,
-    );
+    // An SNP guest's control registers live in its VMSA, out of the
+    // hypervisor's reach (SEV-ES: APM vol. 2 15.35.1).
+    if !snp {
+        vmcb.write_u32(
+            control::INTERCEPT_CR,
+            intercept::CR0_WRITE | intercept::CR4_WRITE,
+        );
+    }
     vmcb.write_u32(
         control::INTERCEPT_MISC1,
         intercept::INTR
@@ -119,7 +129,7 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
     );
     vmcb.write_u32(
         control::INTERCEPT_MISC2,
-        intercept::VMRUN | intercept::WBINVD,
+        intercept::VMRUN | intercept::WBINVD | if snp { intercept::VMMCALL } else { 0 },
     );
     vmcb.write_u64(control::IOPM_BASE, super::io_permission_map());
     vmcb.write_u64(control::MSRPM_BASE, super::msr_permission_map());
@@ -152,7 +162,7 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
     );
     vmcb.write_u64(save::CR0, TD_CR0);
     vmcb.write_u64(save::CR4, TD_CR4);
-    vmcb.write_u64(save::CR3, layout.ap_tables);
+    vmcb.write_u64(save::CR3, layout.ap_tables | memory.c_bit);
     vmcb.write_u64(save::EFER, TD_EFER_VISIBLE | EFER_SVME);
     let mut registers = GuestRegisters::default();
     let (code, data, gdt, rip) = match start {
@@ -163,6 +173,13 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
         Start::Mailbox { vector } => {
             registers.rdi = index as u64;
             (0x08, 0x10, layout.ap_gdt, vector)
+        }
+        Start::Vmsa(state) => {
+            let vcpu = snp::vcpu_from_vmsa(index, vmcb, host_vmcb, memory, &state);
+            if index == 0 {
+                println!("emulator: vCPU 0 starts");
+            }
+            vcpu.run_forever()
         }
     };
     vmcb.set_segment(
@@ -195,7 +212,7 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
         },
     );
     vmcb.write_u64(save::RIP, rip);
-    let mut vcpu = Vcpu {
+    let vcpu = Vcpu {
         index,
         vmcb,
         host_vmcb,
@@ -207,16 +224,15 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
         },
         armed_deadline: 0,
         stored: [(0, 0); 8],
+        ghcb_msr: 0,
+        registered_ghcb: None,
     };
     if index == 0 {
         // Only before the TD prints anything: the TD's console bytes and
         // the emulator's lines share COM1 without a common lock.
         println!("emulator: vCPU 0 starts");
     }
-    loop {
-        vcpu.enter();
-        vcpu.handle_exit();
-    }
+    vcpu.run_forever()
 }
 
 struct Vcpu {
@@ -232,9 +248,20 @@ struct Vcpu {
     /// Emulated native MSRs with a per-vCPU value (DEBUGCTL, SPEC_CTRL,
     /// DS_AREA, XSS, UARCH_MISC_CTL): (MSR, value), MSR 0 = free slot.
     stored: [(u32, u64); 8],
+    /// SNP: the GHCB MSR (0xC001_0130), which hardware keeps in the VMSA,
+    /// and the GHCB GPA this vCPU registered.
+    ghcb_msr: u64,
+    registered_ghcb: Option<u64>,
 }
 
 impl Vcpu {
+    fn run_forever(mut self) -> ! {
+        loop {
+            self.enter();
+            self.handle_exit();
+        }
+    }
+
     fn rip(&self) -> u64 {
         self.vmcb.read_u64(save::RIP)
     }
@@ -303,28 +330,32 @@ impl Vcpu {
         // injects its own event must not lose it (events::merge).
         let interrupted = Event::from_exit_int_info(self.vmcb.read_u64(control::EXIT_INT_INFO));
         self.vmcb.write_u64(control::EVENT_INJECTION, 0);
-        let injected = match code {
-            exit::EXCEPTION_UD => self.undefined_opcode(),
-            exit::CPUID => self.cpuid(),
-            exit::CR0_WRITE | exit::CR4_WRITE => self.control_register_write(),
-            // HLT always #VEs in a TD (TDX module td_other_exits.c); the
-            // guest asks the VMM through TDVMCALL<Instruction.HLT>.
-            exit::HLT => self.virtualization_exception(exit_reason::HLT, 0, 1),
-            exit::IOIO => self.port_io(info1, info2),
-            exit::MSR => self.msr(info1 == 1),
-            exit::NPF => self.nested_page_fault(info1, info2),
-            // The TDX module raises #VE for these in every configuration.
-            exit::WBINVD => self.virtualization_exception(exit_reason::WBINVD, 0, 2),
-            exit::INVD => self.virtualization_exception(exit_reason::INVD, 0, 2),
-            exit::INTR | exit::NMI | exit::VINTR => None,
-            exit::SHUTDOWN => self.shut_down("the TD shut down (triple fault)"),
-            exit::INVALID => self.fatal("VMRUN refused the guest state"),
-            other => {
-                println!(
+        let injected = if let Some(snp_answer) = self.snp_exit(code, info1, info2) {
+            snp_answer
+        } else {
+            match code {
+                exit::EXCEPTION_UD => self.undefined_opcode(),
+                exit::CPUID => self.cpuid(),
+                exit::CR0_WRITE | exit::CR4_WRITE => self.control_register_write(),
+                // HLT always #VEs in a TD (TDX module td_other_exits.c); the
+                // guest asks the VMM through TDVMCALL<Instruction.HLT>.
+                exit::HLT => self.virtualization_exception(exit_reason::HLT, 0, 1),
+                exit::IOIO => self.port_io(info1, info2),
+                exit::MSR => self.msr(info1 == 1),
+                exit::NPF => self.nested_page_fault(info1, info2),
+                // The TDX module raises #VE for these in every configuration.
+                exit::WBINVD => self.virtualization_exception(exit_reason::WBINVD, 0, 2),
+                exit::INVD => self.virtualization_exception(exit_reason::INVD, 0, 2),
+                exit::INTR | exit::NMI | exit::VINTR => None,
+                exit::SHUTDOWN => self.shut_down("the TD shut down (triple fault)"),
+                exit::INVALID => self.fatal("VMRUN refused the guest state"),
+                other => {
+                    println!(
                     "emulator: vCPU {} unexpected #VMEXIT {other:#x} info {info1:#x} {info2:#x}",
                     self.index
                 );
-                self.fatal("unexpected exit");
+                    self.fatal("unexpected exit");
+                }
             }
         };
         let merged = events::merge(interrupted, injected);
@@ -384,7 +415,12 @@ impl Vcpu {
         if self.vmcb.read_u64(save::CR0) & (1 << 31) == 0 {
             return Some(linear);
         }
-        let root = self.vmcb.read_u64(save::CR3) & 0x000f_ffff_ffff_f000;
+        let cc = if self.memory.c_bit != 0 {
+            CcMask::with_private_bit(self.memory.c_bit.trailing_zeros()).ok()?
+        } else {
+            CcMask::tdx(super::GPAW).ok()?
+        };
+        let root = self.vmcb.read_u64(save::CR3) & 0x000f_ffff_ffff_f000 & !cc.all();
         // SAFETY: the guest's tables are the guest's to get wrong, and
         // GuestTables is sound for any address: it reads only TD memory (8
         // aligned bytes, volatile) and writes nothing.
@@ -393,7 +429,7 @@ impl Vcpu {
                 GuestTables(self.memory),
                 PhysAddr(root),
                 PagingMode::FourLevel,
-                CcMask::tdx(super::GPAW).ok()?,
+                cc,
             )
         };
         tables.translate(VirtAddr(linear)).map(|pa| pa.0)
@@ -710,7 +746,7 @@ impl Vcpu {
     fn send_ipi(&self, targets: vapic::VcpuSet, vector: u8) {
         for target in targets.iter() {
             vapic::set_pending(target, vector);
-            td().counters.ipis.fetch_add(1, Ordering::Relaxed);
+            super::COUNTERS.ipis.fetch_add(1, Ordering::Relaxed);
             kick(target);
         }
     }
