@@ -20,6 +20,10 @@
 //! [`BootProtocol`](crate::bootinfo::BootProtocol) as a raw number. The
 //! program then builds its own page tables.
 //!
+//! `_start64` keeps the firmware's memory-encryption bits (an SEV guest's
+//! C-bit, read from the firmware's entry for the code it runs) in every
+//! entry of the boot map and in CR3.
+//!
 //! `_start64` writes only CR3 (no CR0, CR4 or EFER: the firmware's values
 //! are kept, so paging stays 4-level, NX stays enabled and CR0.NE stays set)
 //! and executes nothing that a TD turns into a #VE (no CPUID, MSR, port IO
@@ -133,8 +137,46 @@ _start64:
     mov rdi, rsi                  /* boot_params, all 64 bits */
     mov esi, {linux64}
     /* Our identity map instead of the firmware's (which lives in memory
-       that is not RAM to us): the image is mapped the same in both. */
+       that is not RAM to us): the image is mapped the same in both, with
+       the firmware's memory-encryption bits. Those are the address bits
+       from 32 up of the firmware's leaf for this code (loaded below 4 GiB):
+       the C-bit of an SEV guest, nothing in a TD or an ordinary VM. Its
+       tables are below 4 GiB too, so the low 32 bits of each pointer reach
+       them through its identity map. */
+    lea r8, [rip + _start64]
+    mov rax, cr3
+    mov ecx, 39
+7:  mov rdx, r8
+    shr rdx, cl
+    and edx, 511
+    mov r9d, eax
+    and r9d, 0xfffff000
+    mov rax, [r9 + rdx * 8]
+    cmp ecx, 12
+    je 8f                         /* a 4K leaf */
+    cmp ecx, 39
+    je 9f                         /* PML4 entries are never leaves */
+    test al, 0x80
+    jnz 8f                        /* a 1G or 2M leaf */
+9:  sub ecx, 9
+    jmp 7b
+8:  movabs rdx, 0x000fffff00000000
+    and rdx, rax
+    lea rcx, [rip + boot_pml4]
+    or [rcx], rdx
+    lea rcx, [rip + boot_pdpt]
+    or [rcx], rdx
+    or [rcx + 8], rdx
+    or [rcx + 16], rdx
+    or [rcx + 24], rdx
+    lea rcx, [rip + boot_pd]
+    mov r9d, 2048
+7:  or [rcx], rdx
+    add rcx, 8
+    dec r9d
+    jnz 7b
     lea rax, [rip + boot_pml4]
+    or rax, rdx
     mov cr3, rax
     lgdt [rip + boot_gdt_pointer]
     push 0x08

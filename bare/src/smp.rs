@@ -647,6 +647,64 @@ pub(crate) fn start_one_by_one(
     Ok(online)
 }
 
+/// The registers an AP that the kernel creates itself starts with (SEV-SNP
+/// AP creation takes them all from a VMSA): 64-bit mode at `rip` with the
+/// kernel's CR3, a GDT with 64-bit code at `gdt::KERNEL_CODE` and data at
+/// `gdt::KERNEL_DATA`, interrupts off, and these `rdi`, `rsi`, `rsp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApRegisters {
+    /// The CPU index it gets.
+    pub cpu_index: usize,
+    /// Its APIC ID.
+    pub apic_id: u32,
+    pub rip: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rsp: u64,
+}
+
+/// Starts every CPU in `apic_ids` but the BSP through `create`, one at a
+/// time, with indices 1, 2, ... in list order: `create` gets the registers
+/// the AP must begin with, and `wait` polls until it is online (false: it
+/// did not come up in time, which stops here). The AP reaches
+/// `entry(index)` on `stack_top_for(index)` as with [`start_aps`]. Returns
+/// the CPUs online, BSP included.
+///
+/// # Safety
+/// What `create` starts runs this module's code: the tables at the CR3 it
+/// gives map the kernel image and every AP's stack as the current ones do,
+/// and each `stack_top_for(i)` is a stack only CPU `i` uses.
+pub unsafe fn start_aps_directly(
+    bsp_apic_id: u32,
+    apic_ids: &[u32],
+    entry: extern "C" fn(usize) -> !,
+    stack_top_for: &dyn Fn(usize) -> u64,
+    mut create: impl FnMut(&ApRegisters) -> Result<(), SmpError>,
+    wait: &dyn Fn(&dyn Fn() -> bool) -> bool,
+) -> Result<usize, SmpError> {
+    claim_ap_start(bsp_apic_id, apic_ids, || Ok(()))?;
+    start_one_by_one(bsp_apic_id, apic_ids, stack_top_for, |slot| {
+        create(&ApRegisters {
+            cpu_index: slot.index,
+            apic_id: slot.apic_id,
+            rip: ap_entry as extern "C" fn(usize, extern "C" fn(usize) -> !) -> ! as u64,
+            rdi: slot.index as u64,
+            rsi: entry as u64,
+            // As if `ap_entry` had been called: the return address slot.
+            rsp: slot.stack_top - 8,
+        })?;
+        if wait(&|| slot.is_online()) {
+            Ok(())
+        } else {
+            Err(SmpError::ApTimeout {
+                apic_id: slot.apic_id,
+                reached: ApStage::NotStarted,
+                online: slot.online_before,
+            })
+        }
+    })
+}
+
 fn read_cr0() -> u64 {
     let value: u64;
     // SAFETY: reading CR0 has no side effect; we run at CPL 0.

@@ -11,6 +11,7 @@
 //!   bounding stalls, behind the [`psc::GhcbPsc`] trait.
 //! - [`pvalidate`]: PVALIDATE behind the [`pvalidate::Pvalidate`] trait, with
 //!   [`pvalidate::PvalidateInstruction`] (one `asm!` block) for the real one.
+//! - [`ghcb`]: the GHCB page's fields, valid bitmap and shared buffer.
 //! - [`c_bit_from_cpuid`]: the C-bit position from CPUID 0x8000_001F.
 //!
 //! Feature `sim`: a fake hypervisor with a per-4K RMP (shared, private
@@ -26,6 +27,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ghcb;
 pub mod msr;
 pub mod psc;
 pub mod pvalidate;

@@ -634,6 +634,13 @@ impl<'a> SnpModel<'a> {
             release_all();
             // Not assigned to the guest: a nested fault to the hypervisor.
             Counters::bump(&self.counters.rmp_violations);
+            if self.options.psc_lie {
+                // The hypervisor that lied about the PSC does not fix the
+                // fault either: on hardware the PVALIDATE makes no progress
+                // (it faults again and again); the model ends it with
+                // FAIL_INPUT instead, so the run does not hang.
+                return done(pvalidate_rc::FAIL_INPUT, false);
+            }
             return match self.options.policy {
                 RmpPolicy::Kill => PvalidateEffect::Kill(SnpKill::PvalidateOfShared { gpa }),
                 RmpPolicy::Convert => {

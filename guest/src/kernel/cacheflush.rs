@@ -26,6 +26,15 @@ pub const FLUSH_WINDOWS: u64 = 0xffff_fd00_0000_0000;
 /// of a run is flushed through one of these: one entry, not 512.
 pub const FLUSH_WINDOWS_2M: u64 = 0xffff_fd00_4000_0000;
 
+/// Where the SEV-SNP PVALIDATE windows start (`snp::ValidationWindow`):
+/// CPU n's 4K one is the page at `VALIDATE_WINDOWS + n * 8K + 4K`, its 2M
+/// one the block at `VALIDATE_WINDOWS_2M + n * 4M + 2M`, each behind a
+/// never-mapped gap of its own size, so that a load running off the end of
+/// whatever precedes it cannot reach it. Writable (the page is zeroed
+/// through it) and private.
+pub const VALIDATE_WINDOWS: u64 = 0xffff_fd00_8000_0000;
+pub const VALIDATE_WINDOWS_2M: u64 = 0xffff_fd00_c000_0000;
+
 /// CLFLUSH line size, read at boot (CPUID is a #VE in a TD: not during a
 /// conversion).
 static LINE_SIZE: AtomicU64 = AtomicU64::new(0);
@@ -33,6 +42,8 @@ static LINE_SIZE: AtomicU64 = AtomicU64::new(0);
 /// (physical; 0 before `init`).
 static WINDOW_TABLE_4K: AtomicU64 = AtomicU64::new(0);
 static WINDOW_TABLE_2M: AtomicU64 = AtomicU64::new(0);
+static VALIDATE_TABLE_4K: AtomicU64 = AtomicU64::new(0);
+static VALIDATE_TABLE_2M: AtomicU64 = AtomicU64::new(0);
 /// Pages step 4 flushed, all CPUs.
 pub static FLUSHED_PAGES: AtomicU64 = AtomicU64::new(0);
 
@@ -42,8 +53,13 @@ pub static FLUSHED_PAGES: AtomicU64 = AtomicU64::new(0);
 /// before any conversion.
 pub fn init(cc: CcMask) -> Result<(), TableError> {
     LINE_SIZE.store(bare::cpu::clflush_line_size(), Ordering::SeqCst);
-    for (size, table) in [(Level::Pt, &WINDOW_TABLE_4K), (Level::Pd, &WINDOW_TABLE_2M)] {
-        let va = VirtAddr(window_base(size));
+    for (size, purpose, table) in [
+        (Level::Pt, Purpose::Flush, &WINDOW_TABLE_4K),
+        (Level::Pd, Purpose::Flush, &WINDOW_TABLE_2M),
+        (Level::Pt, Purpose::Validate, &VALIDATE_TABLE_4K),
+        (Level::Pd, Purpose::Validate, &VALIDATE_TABLE_2M),
+    ] {
+        let va = VirtAddr(window_address(purpose, size, 0));
         let tables = kernel_tables(cc);
         tables.map_leaf(
             va,
@@ -60,11 +76,23 @@ pub fn init(cc: CcMask) -> Result<(), TableError> {
     Ok(())
 }
 
-fn window_base(size: Level) -> u64 {
-    if size == Level::Pt {
-        FLUSH_WINDOWS
-    } else {
-        FLUSH_WINDOWS_2M
+/// What a window is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Step 4: read-only, in the frame's current state.
+    Flush,
+    /// SNP's PVALIDATE and zeroing: private and writable, behind a gap.
+    Validate,
+}
+
+/// `cpu`'s window of `size` for `purpose`.
+fn window_address(purpose: Purpose, size: Level, cpu: usize) -> u64 {
+    let span = size.entry_span();
+    match (purpose, size) {
+        (Purpose::Flush, Level::Pt) => FLUSH_WINDOWS + cpu as u64 * span,
+        (Purpose::Flush, _) => FLUSH_WINDOWS_2M + cpu as u64 * span,
+        (Purpose::Validate, Level::Pt) => VALIDATE_WINDOWS + (2 * cpu as u64 + 1) * span,
+        (Purpose::Validate, _) => VALIDATE_WINDOWS_2M + (2 * cpu as u64 + 1) * span,
     }
 }
 
@@ -99,9 +127,33 @@ impl Window {
         shared: bool,
         cc: CcMask,
     ) -> Result<Window, TableError> {
-        let table = match size {
-            Level::Pt => &WINDOW_TABLE_4K,
-            Level::Pd => &WINDOW_TABLE_2M,
+        Window::map_for(Purpose::Flush, cpu, frame, size, shared, cc)
+    }
+
+    /// `cpu`'s PVALIDATE window (SEV-SNP) mapping `frame` (4K or a 2M
+    /// block) private and writable. Only `cpu` itself may call this.
+    pub fn map_for_validation(
+        cpu: usize,
+        frame: PhysAddr,
+        size: Level,
+        cc: CcMask,
+    ) -> Result<Window, TableError> {
+        Window::map_for(Purpose::Validate, cpu, frame, size, false, cc)
+    }
+
+    fn map_for(
+        purpose: Purpose,
+        cpu: usize,
+        frame: PhysAddr,
+        size: Level,
+        shared: bool,
+        cc: CcMask,
+    ) -> Result<Window, TableError> {
+        let table = match (purpose, size) {
+            (Purpose::Flush, Level::Pt) => &WINDOW_TABLE_4K,
+            (Purpose::Flush, Level::Pd) => &WINDOW_TABLE_2M,
+            (Purpose::Validate, Level::Pt) => &VALIDATE_TABLE_4K,
+            (Purpose::Validate, Level::Pd) => &VALIDATE_TABLE_2M,
             _ => return Err(TableError::BadLeaf),
         };
         let table = PhysAddr(table.load(Ordering::SeqCst));
@@ -109,11 +161,18 @@ impl Window {
         if cpu >= MAX_CPUS || table.0 == 0 || !frame.is_aligned(span) || frame.0 & cc.all() != 0 {
             return Err(TableError::BadLeaf);
         }
-        let va = VirtAddr(window_base(size) + cpu as u64 * span);
+        let va = VirtAddr(window_address(purpose, size, cpu));
         let index = size.index_of(va);
-        // ACCESSED preset: the CPU never writes the entry, so drop's
-        // compare-exchange sees exactly what this wrote.
-        let mut entry = frame.0
+        // ACCESSED (and for a writable window DIRTY) preset: the CPU never
+        // writes the entry, so drop's compare-exchange sees exactly what
+        // this wrote.
+        let writable = if purpose == Purpose::Validate {
+            (PteFlags::WRITABLE | PteFlags::DIRTY).bits()
+        } else {
+            0
+        };
+        let mut entry = writable
+            | frame.0
             | if shared {
                 cc.shared_bits()
             } else {

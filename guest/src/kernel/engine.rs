@@ -3,12 +3,12 @@
 //! shootdown, CLFLUSH through a per-CPU window).
 
 use super::memory::{DirectMap, FrameAllocator, DIRECT_MAP, FRAMES};
-use super::{cacheflush, shootdown, td, vmalloc};
+use super::{cacheflush, shootdown, snp, td, vmalloc};
 use bare::println;
 use coco_pagetable::VirtAddr;
 use coco_pagetable::{CcMask, PagingMode, PhysAddr};
 use core::sync::atomic::{AtomicBool, Ordering};
-use set_memory_enc::platform::{NoCc, Tdx, TdxError};
+use set_memory_enc::platform::{NoCc, SnpError, Tdx, TdxError};
 use set_memory_enc::{Converter, Direction, GpaRun, Machine, NotifyError, Platform, Step};
 use tdx_hypercall::TdcallInstruction;
 
@@ -67,19 +67,35 @@ pub fn trace_entry(what: &dyn core::fmt::Display, direction: Direction, va: Virt
     }
 }
 
-/// The platform this kernel runs on, chosen at boot: an ordinary VM or a
-/// TD. One type for both, so the engine and everything that names it is the
-/// same code either way.
+/// The platform this kernel runs on, chosen at boot: an ordinary VM, a TD
+/// or an SEV-SNP guest. One type for all, so the engine and everything that
+/// names it is the same code either way.
 pub enum GuestPlatform {
     /// An ordinary VM.
     NoCc(NoCc),
     /// A TD: MapGPA and ACCEPT, the shared bit from TDG.VP.INFO.
     Tdx(Tdx<&'static TdcallInstruction>),
+    /// An SNP guest: page state change through the GHCB, PVALIDATE through
+    /// this CPU's window, the C-bit from CPUID.
+    Snp(snp::SnpPlatform),
+}
+
+/// Why a notification failed, on whichever platform this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestError {
+    /// The TDX platform's.
+    Tdx(TdxError),
+    /// The SNP platform's.
+    Snp(SnpError),
 }
 
 impl GuestPlatform {
-    /// The TDX platform in a TD ([`td::enter_if_td`] ran), else `NoCc`.
+    /// The TDX platform in a TD ([`td::enter_if_td`] ran), the SNP one in an
+    /// SNP guest ([`snp::enter_if_snp`] ran), else `NoCc`.
     pub fn for_this_machine() -> GuestPlatform {
+        if let Some(snp) = snp::platform() {
+            return GuestPlatform::Snp(snp);
+        }
         match td::tdcall() {
             None => GuestPlatform::NoCc(NoCc),
             Some(tdcall) => match Tdx::new(tdcall) {
@@ -92,32 +108,65 @@ impl GuestPlatform {
     /// The TDX platform, in a TD.
     pub fn tdx(&self) -> Option<&Tdx<&'static TdcallInstruction>> {
         match self {
-            GuestPlatform::NoCc(_) => None,
             GuestPlatform::Tdx(tdx) => Some(tdx),
+            _ => None,
+        }
+    }
+
+    /// The SNP platform, in an SNP guest.
+    pub fn snp(&self) -> Option<&snp::SnpPlatform> {
+        match self {
+            GuestPlatform::Snp(snp) => Some(snp),
+            _ => None,
+        }
+    }
+
+    /// `td`, `snp` or `plain`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuestPlatform::NoCc(_) => "plain",
+            GuestPlatform::Tdx(_) => "td",
+            GuestPlatform::Snp(_) => "snp",
         }
     }
 }
 
+fn with_cause<E: Copy>(
+    e: NotifyError<E>,
+    wrap: impl Fn(E) -> GuestError,
+) -> NotifyError<GuestError> {
+    NotifyError {
+        consistent_up_to: e.consistent_up_to,
+        cause: wrap(e.cause),
+    }
+}
+
 impl Platform for GuestPlatform {
-    /// `NoCc` cannot fail, so the TDX error serves both.
-    type Error = TdxError;
+    type Error = GuestError;
 
     fn cc_mask(&self) -> CcMask {
         match self {
             GuestPlatform::NoCc(p) => p.cc_mask(),
             GuestPlatform::Tdx(p) => p.cc_mask(),
+            GuestPlatform::Snp(p) => p.cc_mask(),
         }
     }
     fn needs_cache_flush(&self, direction: Direction) -> bool {
         match self {
             GuestPlatform::NoCc(p) => p.needs_cache_flush(direction),
             GuestPlatform::Tdx(p) => p.needs_cache_flush(direction),
+            GuestPlatform::Snp(p) => p.needs_cache_flush(direction),
         }
     }
-    fn notify(&self, run: &GpaRun, direction: Direction) -> Result<(), NotifyError<TdxError>> {
+    fn notify(&self, run: &GpaRun, direction: Direction) -> Result<(), NotifyError<GuestError>> {
         match self {
             GuestPlatform::NoCc(p) => p.notify(run, direction).map_err(|e| match e.cause {}),
-            GuestPlatform::Tdx(p) => p.notify(run, direction),
+            GuestPlatform::Tdx(p) => p
+                .notify(run, direction)
+                .map_err(|e| with_cause(e, GuestError::Tdx)),
+            GuestPlatform::Snp(p) => p
+                .notify(run, direction)
+                .map_err(|e| with_cause(e, GuestError::Snp)),
         }
     }
 }

@@ -54,6 +54,15 @@ pub fn install() {
     idt::set_handler(vector::INVALID_OPCODE, invalid_opcode);
     idt::set_handler(vector::NMI, unexpected);
     idt::set_handler(vector::DOUBLE_FAULT, double_fault);
+    idt::set_handler(VMM_COMMUNICATION, super::snp::handle_vc);
+}
+
+/// #VC, vector 29: only an SEV-ES/SNP guest takes it.
+const VMM_COMMUNICATION: u8 = 29;
+
+/// A #VC the handler cannot resolve: fatal, with `why`.
+pub fn fatal_vc(frame: &Frame, why: &str) -> ! {
+    fatal("#VC", frame, None, Some(format_args!("{why}")))
 }
 
 /// #DF. In a TD a #DF can be a second #VE that came before VEINFO.GET

@@ -32,14 +32,16 @@
 
 use super::cacheflush::Window;
 use super::engine::engine;
+use super::engine::GuestError;
 use super::faults::{LAST_LOST_GPA, LOST_PAGES};
 use super::memory::DIRECT_MAP_BASE;
 use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
 use bare::println;
 use coco_pagetable::{PhysAddr, VirtAddr, PAGE_SIZE};
 use core::sync::atomic::Ordering;
-use set_memory_enc::platform::TdxError;
+use set_memory_enc::platform::{SnpError, TdxError};
 use set_memory_enc::{ConvError, Direction, Platform, Quarantine};
+use snp_hypercall::pvalidate::PvalidateError;
 use tdx_hypercall::{AcceptError, Gpa, MapGpaErrorKind, VmcallStatus};
 
 const PAGES: u64 = 16;
@@ -54,7 +56,24 @@ struct Expected {
     fails: Direction,
     first_quarantined: u64,
     quarantined: u64,
-    cause: fn(&TdxError, PhysAddr, u64) -> bool,
+    cause: Cause,
+}
+
+/// Whether a quarantine's cause is the right one: a TDX error (given the
+/// run's frame and the shared bit) or an SNP one.
+enum Cause {
+    Tdx(fn(&TdxError, PhysAddr, u64) -> bool),
+    Snp(fn(&SnpError) -> bool),
+}
+
+impl Cause {
+    fn matches(&self, cause: &GuestError, frame: PhysAddr, shared: u64) -> bool {
+        match (self, cause) {
+            (Cause::Tdx(f), GuestError::Tdx(c)) => f(c, frame, shared),
+            (Cause::Snp(f), GuestError::Snp(c)) => f(c),
+            _ => false,
+        }
+    }
 }
 
 fn expected(scenario: &str) -> Expected {
@@ -62,13 +81,13 @@ fn expected(scenario: &str) -> Expected {
         fails: Direction::ToShared,
         first_quarantined: 0,
         quarantined: PAGES,
-        cause,
+        cause: Cause::Tdx(cause),
     };
     let accept = |cause: fn(&TdxError, PhysAddr, u64) -> bool| Expected {
         fails: Direction::ToPrivate,
         first_quarantined: FAILING_ACCEPT_PAGE,
         quarantined: PAGES - FAILING_ACCEPT_PAGE,
-        cause,
+        cause: Cause::Tdx(cause),
     };
     match scenario {
         "mapgpa-fail-after" => map_gpa(|c, _, _| {
@@ -100,10 +119,27 @@ fn expected(scenario: &str) -> Expected {
                 *c == TdxError::PrivatePageLost(Gpa(frame.0 + FAILING_ACCEPT_PAGE * PAGE_SIZE))
             })
         },
+        // SNP, `psc-lie`: the PSC to private says done and changes
+        // nothing, so PVALIDATE of the first page meets a hypervisor-owned
+        // page; nothing of the run is then known.
+        "psc-lie" => Expected {
+            fails: Direction::ToPrivate,
+            first_quarantined: 0,
+            quarantined: PAGES,
+            cause: Cause::Snp(|c| {
+                matches!(
+                    c,
+                    SnpError::Pvalidate {
+                        error: PvalidateError::Input,
+                        ..
+                    }
+                )
+            }),
+        },
         other => panic!(
             "hostile={other:?}: want mapgpa-fail-after, mapgpa-bad-retry-outside|unaligned|stuck, \
-             accept-mismatch|error|busy or implicit (with -touch: then read the quarantine, the \
-             negative control)"
+             accept-mismatch|error|busy, implicit or psc-lie (with -touch: then read the \
+             quarantine, the negative control)"
         ),
     }
 }
@@ -114,7 +150,7 @@ fn expected(scenario: &str) -> Expected {
 /// guest's news: the #VE handler records the lost GPA and zero-pads the load.
 /// The page is then retired, the quarantine coming back as a conversion's
 /// would. A failure is printed after `kind`.
-fn meet_the_taken_page(kind: &str, run: VirtAddr) -> Option<Quarantine<TdxError>> {
+fn meet_the_taken_page(kind: &str, run: VirtAddr) -> Option<Quarantine<GuestError>> {
     let failed = |why: core::fmt::Arguments<'_>| {
         println!("HOSTILE kind={kind} result=failed: {why}");
         None
@@ -142,7 +178,11 @@ fn meet_the_taken_page(kind: &str, run: VirtAddr) -> Option<Quarantine<TdxError>
             ZEROPAD_FIXUPS.load(Ordering::SeqCst) - fixups
         ));
     }
-    match engine().retire(taken, 1, TdxError::PrivatePageLost(Gpa(gpa))) {
+    match engine().retire(
+        taken,
+        1,
+        GuestError::Tdx(TdxError::PrivatePageLost(Gpa(gpa))),
+    ) {
         Ok(q) => Some(q),
         Err(e) => failed(format_args!("retiring the lost page: {e:?}")),
     }
@@ -172,6 +212,15 @@ pub fn run(kind: &str) -> bool {
             shared.is_ok(),
             "the conversion to shared before the failing one",
         );
+        if scenario == "psc-lie" {
+            // Use the shared pages, as their owner would: a hypervisor
+            // whose PSC lied meets C=0 writes to pages it left private.
+            for n in 0..PAGES {
+                // SAFETY: the run is mapped shared (C=0) and this
+                // scenario's own.
+                unsafe { core::ptr::write_volatile((va.0 + n * PAGE_SIZE) as *mut u64, n) };
+            }
+        }
     }
     let page = |n: u64| va.0 + n * PAGE_SIZE;
     let q = if scenario == "implicit" {
@@ -200,7 +249,7 @@ pub fn run(kind: &str) -> bool {
         "the quarantine is exactly what the VMM's failure left unknown",
     );
     check(
-        (want.cause)(&q.cause, frame, cc.shared_bits()),
+        want.cause.matches(&q.cause, frame, cc.shared_bits()),
         "the cause is the typed error of what the VMM answered",
     );
     let state = |at: u64| {

@@ -287,7 +287,8 @@ pub fn build_tables(
         } => {
             identity(page, global_rw())?;
         }
-        super::ApStartMethod::WakeupMailbox { mailbox: None } => {}
+        super::ApStartMethod::WakeupMailbox { mailbox: None }
+        | super::ApStartMethod::SnpApCreation => {}
     }
 
     for cpu in 0..cpus as u64 {
@@ -341,10 +342,11 @@ pub fn stack_guard(cpu: usize) -> u64 {
 /// # Safety
 /// `root` must come from [`build_tables`]: it maps the kernel image (code,
 /// the boot stack in .bss) identically, so execution continues.
-pub unsafe fn switch_to(root: PhysAddr) {
+pub unsafe fn switch_to(root: PhysAddr, cc: CcMask) {
     // SAFETY: by the caller's contract the new tables map everything that
-    // runs next; RAM is then reached through the direct map.
-    unsafe { bare::cpu::write_cr3(root.0) };
+    // runs next; RAM is then reached through the direct map. The root is
+    // private: under SEV the C-bit goes in CR3 too.
+    unsafe { bare::cpu::write_cr3(root.0 | cc.private_bits()) };
     PHYS_OFFSET.store(DIRECT_MAP_BASE, Ordering::SeqCst);
     bare::cpu::enable_global_pages();
     bare::cpu::flush_tlb_local();
@@ -357,7 +359,7 @@ pub fn kernel_tables(cc: CcMask) -> KernelTables {
     unsafe {
         PageTables::new(
             DIRECT_MAP,
-            PhysAddr(bare::cpu::read_cr3() & !0xfff),
+            PhysAddr(bare::cpu::read_cr3() & 0x000f_ffff_ffff_f000 & !cc.all()),
             PagingMode::FourLevel,
             cc,
         )

@@ -1,12 +1,14 @@
 //! Boot, memory, exceptions, SMP, then the tests, reported on the serial
 //! console for the host harness.
 //!
-//! The same kernel runs as an ordinary VM or as an Intel TDX guest (a TD),
-//! decided at boot by CPUID leaf 0x21. In a TD it installs the #VE handler
+//! The same kernel runs as an ordinary VM, as an Intel TDX guest (a TD),
+//! decided at boot by CPUID leaf 0x21, or as an AMD SEV-SNP guest (CPUID
+//! 0x8000_001F and SEV_STATUS). In a TD it installs the #VE handler
 //! before anything that could raise one (the console's port I/O, in the
 //! emulator's strict mode), accepts RAM before touching it, uses the x2APIC
 //! only and no PIT, and starts APs through the ACPI wakeup mailbox instead of
-//! INIT-SIPI-SIPI.
+//! INIT-SIPI-SIPI. An SNP guest likewise: the #VC handler first, its GHCBs
+//! before anything prints, PVALIDATE of RAM, APs through AP creation.
 
 mod bench;
 mod cacheflush;
@@ -17,6 +19,7 @@ mod hostile;
 mod memory;
 pub mod report;
 mod shootdown;
+mod snp;
 mod stress;
 mod td;
 mod tests;
@@ -44,6 +47,8 @@ pub enum ApStartMethod {
     InitSipi,
     /// The ACPI wakeup mailbox (physical page, if the MADT has one): a TD.
     WakeupMailbox { mailbox: Option<u64> },
+    /// SEV-SNP AP creation from a VMSA: nothing to map.
+    SnpApCreation,
 }
 
 static AP_START: spin::Once<ApStartMethod> = spin::Once::new();
@@ -56,7 +61,7 @@ static STRESS_SETTINGS: spin::Once<stress::Settings> = spin::Once::new();
 /// Polls `condition` for at least `timeout_us`: on the PIT as always, or in
 /// a TD, which has no PIT, on the TSC.
 fn wait_until(timeout_us: u64, condition: impl FnMut() -> bool) -> bool {
-    if td::active() {
+    if confidential() {
         bare::tsc::wait_until(timeout_us, condition)
     } else {
         bare::smp::wait_until(timeout_us, condition)
@@ -64,6 +69,12 @@ fn wait_until(timeout_us: u64, condition: impl FnMut() -> bool) -> bool {
 }
 
 pub use bare::smp::cpu_index;
+
+/// Whether this is a confidential guest (a TD or an SNP guest): no PIT, no
+/// xAPIC page, and a page's contents do not survive a conversion.
+pub fn confidential() -> bool {
+    td::active() || snp::active()
+}
 
 /// The local APIC driver, shared by all CPUs (set on the BSP before any AP
 /// starts).
@@ -102,13 +113,16 @@ fn wake_interrupt(_frame: &mut bare::idt::Frame) {
 /// Linux 64-bit boot protocol (TD firmware).
 #[no_mangle]
 extern "C" fn bare_main(boot_info: u64, protocol: u64) -> ! {
-    // In a TD (strict mode) even the console's port I/O raises #VE: detect a
-    // TD with the one CPUID leaf that never does, and have the handlers in
-    // place before anything else runs. Harmless outside a TD. Nothing before
-    // `idt::load` may raise a #VE (there is no IDT: a triple fault).
-    let tdcall = td::enter_if_td();
+    // In a TD (strict mode) even the console's port I/O raises #VE, and in
+    // an SNP guest every CPUID, port and MSR access is a #VC: the handlers
+    // go in first (nothing before `idt::load` may raise either: a triple
+    // fault), then the CPUID leaf that names the TDX module (no #VE in a
+    // TD; a #VC that the GHCB MSR protocol answers in an SNP guest), then
+    // SNP's detection, which sets up the GHCBs the console needs.
     faults::install();
     bare::idt::load();
+    let tdcall = td::enter_if_td();
+    let snp = tdcall.is_none() && snp::enter_if_snp();
     let protocol = match BootProtocol::from_raw(protocol) {
         Ok(protocol) => protocol,
         Err(e) => panic!("entered by unknown boot code: {e:?}"),
@@ -127,6 +141,9 @@ extern "C" fn bare_main(boot_info: u64, protocol: u64) -> ! {
             "guest: TD vCPU {} of {} (at most {})",
             info.vcpu_index, info.num_vcpus, info.max_vcpus
         );
+    }
+    if let Some(bit) = snp.then(snp::c_bit).flatten() {
+        println!("guest: running as an SEV-SNP guest, C-bit {bit}");
     }
     let info = match BootInfo::parse_for(protocol, &bare::bootinfo::IdentityMapped, boot_info) {
         Ok(info) => info,
@@ -171,6 +188,18 @@ extern "C" fn bare_main(boot_info: u64, protocol: u64) -> ! {
             accepted.accepted, accepted.already_accepted
         );
     }
+    if snp {
+        // Before the frame allocator hands out (and zeroes) anything.
+        snp::validate_boot_ram(ram);
+        let load = |c: &core::sync::atomic::AtomicU64| c.load(core::sync::atomic::Ordering::SeqCst);
+        println!(
+            "guest: validated RAM: {} 2M and {} 4K PVALIDATEs, {} 2M blocks retried at 4K, {} pages validated already",
+            load(&snp::BOOT_PVALIDATE[1]),
+            load(&snp::BOOT_PVALIDATE[0]),
+            load(&snp::BOOT_SIZE_FALLBACKS),
+            load(&snp::BOOT_ALREADY_VALIDATED)
+        );
+    }
 
     let (kernel_start, kernel_end) = memory::kernel_image();
     for region in ram {
@@ -192,6 +221,9 @@ extern "C" fn bare_main(boot_info: u64, protocol: u64) -> ! {
         (ids, count)
     });
     let ap_start = *AP_START.call_once(|| {
+        if snp {
+            return ApStartMethod::SnpApCreation;
+        }
         if tdcall.is_none() {
             return ApStartMethod::InitSipi;
         }
@@ -207,9 +239,19 @@ extern "C" fn bare_main(boot_info: u64, protocol: u64) -> ! {
         Ok(root) => root,
         Err(e) => panic!("building page tables: {e:?}"),
     };
+    // SAFETY: `root` is the new tables' (build_tables), changed by nothing
+    // else yet; DIRECT_MAP reaches them at offset 0 until the switch.
+    snp::share_ghcbs_in(&unsafe {
+        coco_pagetable::PageTables::new(
+            memory::DIRECT_MAP,
+            root,
+            coco_pagetable::PagingMode::FourLevel,
+            cc,
+        )
+    });
     // SAFETY: `root` comes from build_tables, which maps the kernel image
     // (this code, the boot stack) identically.
-    unsafe { memory::switch_to(root) };
+    unsafe { memory::switch_to(root, cc) };
     engine::init(root, platform);
     println!(
         "guest: own page tables at {:#x}: direct map at {:#x}, {} frames used",
@@ -236,8 +278,9 @@ extern "C" fn bsp_main() -> ! {
     bare::idt::set_handler(SPURIOUS_VECTOR, spurious_interrupt);
     bare::idt::set_handler(WAKE_VECTOR, wake_interrupt);
     bare::idt::load();
-    let apic = if td::active() {
-        // A TD has no 8259s to mask and no xAPIC page: x2APIC or nothing.
+    let apic = if confidential() {
+        // A TD or an SNP guest has no 8259s to mask and no xAPIC page:
+        // x2APIC or nothing.
         Apic::x2apic_only()
     } else {
         // SAFETY: ports 0x21/0xa1 mask the 8259s: legacy IRQs stay off.
@@ -266,6 +309,9 @@ extern "C" fn bsp_main() -> ! {
     let started = match *AP_START.get().expect("chosen at boot") {
         ApStartMethod::InitSipi => start_aps_with_init_sipi(apic, apic_ids),
         ApStartMethod::WakeupMailbox { mailbox } => start_aps_with_mailbox(apic, apic_ids, mailbox),
+        ApStartMethod::SnpApCreation => {
+            snp::start_aps(apic.id(), apic_ids, ap_main, TD_AP_TIMEOUT_US)
+        }
     };
     let online = match started {
         Ok(online) => online,
@@ -310,9 +356,10 @@ extern "C" fn bsp_main() -> ! {
     finish(report::summary() && stress_ok && concurrent_ok)
 }
 
-/// Ends the run: the TDX counters line (in a TD), then QEMU's exit status.
+/// Ends the run: the TDX or SNP counters line, then QEMU's exit status.
 fn finish(ok: bool) -> ! {
     report_tdx_counters();
+    report_snp_counters();
     bare::exit::qemu_exit(if ok {
         bare::exit::EXIT_SUCCESS
     } else {
@@ -389,6 +436,31 @@ fn report_tdx_counters() {
         boot.accepted_1g + load(&sent.accepted[2]),
         boot.size_mismatch_fallbacks + load(&sent.size_fallbacks),
         load(&cacheflush::FLUSHED_PAGES),
+    );
+}
+
+/// In an SNP guest, the totals of what this kernel asked of the
+/// hypervisor and the CPU (boot and every conversion) in the emulator's
+/// `SNPEMU` names: a `STRESS` line to compare with it.
+fn report_snp_counters() {
+    let Some(platform) = engine::engine().platform().snp() else {
+        return;
+    };
+    let load = |c: &core::sync::atomic::AtomicU64| c.load(core::sync::atomic::Ordering::SeqCst);
+    let sent = platform.counters();
+    let psc_msr = load(&sent.psc_msr_calls);
+    println!(
+        "STRESS platform=snp ghcb_psc_calls={} msr_psc={} pvalidate_4k={} pvalidate_2m={} pvalidate_size_mismatch={} zeroed_pages={} vc_404={} vc_cpuid={} vc_ioio={} vc_msr={}",
+        load(&sent.psc_calls) - psc_msr,
+        psc_msr + load(&snp::BOOT_MSR_PSC),
+        load(&sent.pvalidated[0]) + load(&snp::BOOT_PVALIDATE[0]),
+        load(&sent.pvalidated[1]) + load(&snp::BOOT_PVALIDATE[1]),
+        load(&sent.size_fallbacks) + load(&snp::BOOT_SIZE_FALLBACKS),
+        load(&sent.zeroed_pages),
+        load(&snp::VC_NOT_VALIDATED),
+        load(&snp::VC_CPUID),
+        load(&snp::VC_IOIO),
+        load(&snp::VC_MSR),
     );
 }
 
@@ -470,6 +542,8 @@ fn fault_stack_overflow() -> ! {
 
 /// Each AP starts here (from `bare::smp::start_aps`), on its own stack.
 extern "C" fn ap_main(cpu: usize) -> ! {
+    // An SNP AP's first #VC needs its GHCB.
+    snp::register_this_cpu();
     let (_, double_fault_stack, nmi_stack) = memory::stack_tops(cpu);
     CPU_TABLES[cpu]
         .call_once(|| bare::gdt::CpuTables::new(double_fault_stack, nmi_stack))

@@ -27,6 +27,7 @@
 //! `stress-skip-pattern=<n>` leaves the pattern of conversion n unwritten:
 //! the negative control of the pattern check (wrong values, a failed run).
 
+use super::engine::GuestError;
 use super::engine::{engine, ConversionWork};
 use super::faults::{EPT_VIOLATION_VE, UNEXPECTED_FAULTS, VE_TAKEN};
 use super::memory::DIRECT_MAP_BASE;
@@ -34,7 +35,6 @@ use bare::extable::{load_unaligned_zeropad, ZEROPAD_FIXUPS};
 use bare::println;
 use coco_pagetable::{VirtAddr, PAGE_SIZE};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use set_memory_enc::platform::TdxError;
 use set_memory_enc::{ConvError, ConvStats, Direction};
 
 /// What the command line asks of the stress.
@@ -137,7 +137,7 @@ impl Order {
         va: VirtAddr,
         pages: u64,
         direction: Direction,
-    ) -> Result<ConvStats, ConvError<TdxError>> {
+    ) -> Result<ConvStats, ConvError<GuestError>> {
         match self {
             Order::SevenSteps => engine().convert(va, pages, direction),
             #[cfg(feature = "negative-control")]
@@ -333,6 +333,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     let fixups_before = ZEROPAD_FIXUPS.load(Ordering::SeqCst);
     let faults_before = UNEXPECTED_FAULTS.load(Ordering::SeqCst);
     let ve_before = EPT_VIOLATION_VE.load(Ordering::SeqCst);
+    let vc_404_before = super::snp::VC_NOT_VALIDATED.load(Ordering::SeqCst);
     // In a TD every console byte is a #VE (port IO): no progress lines
     // there, so that "no #VE of any kind during the stress" can be checked.
     let show_progress = !super::td::active();
@@ -400,8 +401,10 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
     let loads = LOADS.load(Ordering::SeqCst);
     let wrong = WRONG_BYTES.load(Ordering::SeqCst);
     let stable = STABLE_LOADS.load(Ordering::SeqCst) - stable_before;
+    let vc_404 = super::snp::VC_NOT_VALIDATED.load(Ordering::SeqCst) - vc_404_before;
     println!(
-        "STRESS cpus={cpus} conversions={conversions} conversion_errors={errors} loads={loads} stable_loads={stable} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={} ve={ve} ve_any={ve_any} order={} map_gpa_during={} accepts_during={} flushed_pages_during={}",
+        "STRESS cpus={cpus} platform={} vc_404={vc_404} conversions={conversions} conversion_errors={errors} loads={loads} stable_loads={stable} fixups={fixups} unexpected_faults={unexpected} wrong_bytes={wrong} shootdowns={} ipis={} ve={ve} ve_any={ve_any} order={} map_gpa_during={} accepts_during={} flushed_pages_during={}",
+        super::engine::engine().platform().name(),
         super::shootdown::SHOOTDOWNS.load(Ordering::SeqCst),
         super::shootdown::IPIS_SENT.load(Ordering::SeqCst),
         order.name(),
@@ -415,6 +418,7 @@ pub fn run(cpus: usize, first_page_pa: u64, settings: Settings, wake_loaders: im
         && wrong == 0
         && unexpected == 0
         && ve == 0
+        && vc_404 == 0
         && stable > 0
         && conversions == 2 * round_trips;
     match order {

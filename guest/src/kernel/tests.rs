@@ -272,8 +272,8 @@ fn convert_and_back(va: u64, pages: u64, splits: u32, level_after: Level) -> Tes
             "page before the range became shared"
         );
     }
-    if super::td::active() {
-        // MapGPA dropped the private contents; the shared alias must work.
+    if super::confidential() {
+        // MapGPA (or the PSC) dropped the private contents; the shared alias must work.
         fill(va, pages, 0xc3);
         ensure!(
             check_fill(va, pages, 0xc3),
@@ -294,7 +294,7 @@ fn convert_and_back(va: u64, pages: u64, splits: u32, level_after: Level) -> Tes
         "after going back: {:?}",
         uniform_state(va, pages)
     );
-    if super::td::active() {
+    if super::confidential() {
         ensure!(
             check_zero(va, pages),
             "not zero after going private (ACCEPT zeroes a page)"
