@@ -329,6 +329,7 @@ extern "C" fn bsp_main() -> ! {
         None => {}
         Some("unmapped-read") => fault_unmapped_read(),
         Some("stack-overflow") => fault_stack_overflow(),
+        Some(kind) if kind.starts_with("snp-") => finish(snp::send_bad_request(kind)),
         Some(other) => panic!("unknown fault= selector {other:?}"),
     }
 

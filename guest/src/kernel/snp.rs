@@ -752,3 +752,105 @@ unsafe fn read_cr4() -> u64 {
     };
     value
 }
+
+/// `fault=snp-...`: malformed requests the hypervisor must refuse with a
+/// clear answer (or stop the guest with a one-line report), never act on.
+/// Prints `SNPBAD kind=<kind> ...`; true if the answer was the refusal.
+pub fn send_bad_request(kind: &str) -> bool {
+    let info = |ghcb: &Ghcb| {
+        (
+            ghcb.get(field::SW_EXITINFO1).unwrap_or(u64::MAX),
+            ghcb.get(field::SW_EXITINFO2).unwrap_or(u64::MAX),
+        )
+    };
+    let (info1, info2) = match kind {
+        // end_entry past the 253 a descriptor holds: an invalid header.
+        "snp-psc-too-long" => ghcb_call(
+            |g, gpa| {
+                let mut desc = PscDesc {
+                    end_entry: 300,
+                    ..PscDesc::default()
+                };
+                desc.entries[0] = snp_hypercall::psc::PscEntry::new(0x3f000, PageOp::Shared, false);
+                g.set_exit(exit_code::PSC, 0, 0);
+                g.put_psc(&desc, gpa);
+            },
+            info,
+        ),
+        // An entry with operation 7 (none such): an invalid entry.
+        "snp-psc-bad-entry" => ghcb_call(
+            |g, gpa| {
+                let mut desc = PscDesc::default();
+                desc.entries[0] = snp_hypercall::psc::PscEntry((0x3f000 << 12) | (7 << 52));
+                g.set_exit(exit_code::PSC, 0, 0);
+                g.put_psc(&desc, gpa);
+            },
+            info,
+        ),
+        // A VMSA in real mode (CR0 = ET only) for APIC ID 1.
+        "snp-bad-vmsa" => {
+            let Some(vmsa) = super::memory::FRAMES.allocate_zeroed() else {
+                return false;
+            };
+            let va = phys_to_virt(vmsa);
+            // SAFETY: a zeroed frame just allocated, mapped private at `va`.
+            let page = unsafe { &mut *(va as *mut [u8; 4096]) };
+            page[0x158..0x160].copy_from_slice(&0x10u64.to_le_bytes());
+            page[0x3b0..0x3b8].copy_from_slice(&SEV_FEATURES.to_le_bytes());
+            // SAFETY: an SNP guest at CPL 0; `va` maps the page private.
+            if unsafe { rmpadjust(va, (1 << 16) | 1) } != 0 {
+                return false;
+            }
+            ghcb_call(
+                |g, _| {
+                    g.set_exit(exit_code::AP_CREATION, (1 << 32) | 1, vmsa);
+                    g.set(field::RAX, SEV_FEATURES);
+                },
+                info,
+            )
+        }
+        // A private page offered as a GHCB: the hypervisor cannot read it
+        // and must refuse the registration (answer no echo of the GFN).
+        "snp-ghcb-private" => {
+            let Some(private) = super::memory::FRAMES.allocate_zeroed() else {
+                return false;
+            };
+            let refused = msr::register_ghcb(&GuestGhcb, private).is_err();
+            bare::println!(
+                "SNPBAD kind={kind} refused={} page={private:#x}",
+                u8::from(refused)
+            );
+            return refused;
+        }
+        // A GHCB this CPU never registered (the next CPU's page, shared):
+        // the hypervisor must stop the guest (KVM does), not use it.
+        "snp-ghcb-unregistered" => {
+            let other = ghcb_gpa(super::cpu_index() + 1);
+            bare::println!("SNPBAD kind={kind}: VMGEXIT with GHCB {other:#x}");
+            without_interrupts(|| {
+                // SAFETY: the GHCB MSR of an SNP guest; deliberately wrong
+                // (the hypervisor is expected to stop the guest here).
+                unsafe { bare::cpu::wrmsr(MSR_GHCB, other) };
+                vmgexit();
+            });
+            (0, 0)
+        }
+        other => panic!(
+            "fault={other}: want snp-psc-too-long, snp-psc-bad-entry, snp-bad-vmsa, \
+             snp-ghcb-private or snp-ghcb-unregistered"
+        ),
+    };
+    let refused = match kind {
+        // KVM's VMGEXIT_PSC_ERROR_INVALID_HDR / _ENTRY in SW_EXITINFO2.
+        "snp-psc-too-long" => info2 == (1 << 32) | 1,
+        "snp-psc-bad-entry" => info2 == (1 << 32) | 2,
+        "snp-bad-vmsa" => info1 & 0xffff_ffff == 2 && info2 == 5,
+        // Still running after an unregistered GHCB: the hypervisor used it.
+        _ => false,
+    };
+    bare::println!(
+        "SNPBAD kind={kind} refused={} sw_exitinfo1={info1:#x} sw_exitinfo2={info2:#x}",
+        u8::from(refused)
+    );
+    refused
+}
