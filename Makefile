@@ -38,7 +38,7 @@ LINUX_TD_DIR := $(CURDIR)/target/linux-td
 LINUX_TD := LINUX_TD_KERNEL=$(LINUX_TD_DIR)/kernel LINUX_TD_BUSYBOX=$(LINUX_TD_DIR)/busybox \
 	LINUX_TD_SOURCE=$(LINUX_TD_DIR)/SOURCE LINUX_TD_MODULE=$(LINUX_TD_DIR)/coco_race.ko
 
-.PHONY: setup guest run run-plain run-td linux-td-fetch linux-td linux-race run-linux-td demo bench soak test fmt
+.PHONY: setup guest run run-plain run-td run-snp soak-snp linux-td-fetch linux-td linux-race run-linux-td demo bench soak test fmt
 
 setup:
 	@./scripts/setup.sh
@@ -57,6 +57,16 @@ run-plain: guest
 # The guest as a TD under the TDX-module emulator (strict mode), 4 vCPUs.
 run-td: guest
 	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4 --td strict -- stress-rounds=300
+
+# The guest as an SEV-SNP guest under the emulator's SNP mode, 4 vCPUs.
+run-snp: guest
+	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4 --td snp -- stress-rounds=300
+
+# A longer SNP stress than make test's (tests/qemu/tests/snp.rs: 100).
+SNP_SOAK_ROUNDS ?= 10000
+soak-snp: guest
+	$(ELFS) $(CARGO) run --quiet -p qemu-harness --bin run-guest -- 4 --td snp \
+		--timeout 10800 -- stress-rounds=$(SNP_SOAK_ROUNDS)
 
 linux-td-fetch: setup
 	./scripts/fetch-linux-td.sh $(LINUX_TD_DIR)

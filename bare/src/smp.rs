@@ -687,9 +687,9 @@ pub unsafe fn start_aps_directly(
         create(&ApRegisters {
             cpu_index: slot.index,
             apic_id: slot.apic_id,
-            rip: ap_entry as extern "C" fn(usize, extern "C" fn(usize) -> !) -> ! as u64,
+            rip: ap_entry as extern "C" fn(usize, extern "C" fn(usize) -> !) -> ! as usize as u64,
             rdi: slot.index as u64,
-            rsi: entry as u64,
+            rsi: entry as usize as u64,
             // As if `ap_entry` had been called: the return address slot.
             rsp: slot.stack_top - 8,
         })?;

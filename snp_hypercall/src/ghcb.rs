@@ -82,7 +82,7 @@ impl<'a> Ghcb<'a> {
     /// Sets a field (8-aligned offset inside the save area) and its valid
     /// bit; other offsets are ignored.
     pub fn set(&mut self, offset: usize, value: u64) {
-        if offset % 8 != 0 || offset >= VALID_BITMAP {
+        if !offset.is_multiple_of(8) || offset >= VALID_BITMAP {
             return;
         }
         self.page[offset / 8] = value;
@@ -92,7 +92,7 @@ impl<'a> Ghcb<'a> {
 
     /// A field the hypervisor marked valid.
     pub fn get(&self, offset: usize) -> Option<u64> {
-        if offset % 8 != 0 || offset >= VALID_BITMAP {
+        if !offset.is_multiple_of(8) || offset >= VALID_BITMAP {
             return None;
         }
         let (at, bit) = Self::valid_bit(offset);
@@ -151,8 +151,10 @@ mod tests {
         ghcb.set(field::RAX + 1, 5);
         ghcb.set(0x800, 5);
         assert_eq!(ghcb.get(0x800), None, "outside the save area");
-        let mut desc = PscDesc::default();
-        desc.end_entry = 1;
+        let mut desc = PscDesc {
+            end_entry: 1,
+            ..PscDesc::default()
+        };
         desc.entries[0] = PscEntry::new(0x123, PageOp::Shared, false);
         desc.entries[1] = PscEntry::new(0x200, PageOp::Private, true);
         ghcb.put_psc(&desc, 0x7_0000);

@@ -221,6 +221,12 @@ pub struct SnpCounters {
     pub rmpadjust: AtomicU64,
 }
 
+impl Default for SnpCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SnpCounters {
     /// Every counter at 0.
     pub const fn new() -> Self {

@@ -427,7 +427,7 @@ pub fn validate_boot_ram(ram: &[RamRegion]) {
         let mut at = align_up(region.start.max(LOW_MEMORY_END), PAGE_SIZE);
         let end = region.end & !(PAGE_SIZE - 1);
         while at < end {
-            if at % block == 0 && end - at >= block {
+            if at.is_multiple_of(block) && end - at >= block {
                 if !one(at, PageSize::Size2M) {
                     BOOT_SIZE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
                     for page in 0..block / PAGE_SIZE {
@@ -461,7 +461,9 @@ pub fn handle_vc(frame: &mut Frame) {
             // #VC carries no address: a zeropad load that crossed into the
             // page met it at the next word, which starts that page.
             let next_word = (frame.rdi & !7).wrapping_add(8);
-            if next_word % PAGE_SIZE == 0 && bare::extable::fixup_page_fault(frame, next_word) {
+            if next_word.is_multiple_of(PAGE_SIZE)
+                && bare::extable::fixup_page_fault(frame, next_word)
+            {
                 return;
             }
             super::faults::fatal_vc(

@@ -69,7 +69,9 @@ pub fn flush_nested_tlbs_everywhere() {
     }
 }
 
-/// How a vCPU starts.
+/// How a vCPU starts (made once per vCPU, on its stack: the emulator has
+/// no allocator to box the VMSA state in).
+#[allow(clippy::large_enum_variant)]
 pub enum Start {
     /// The boot vCPU, as TD firmware hands over a payload (the Linux 64-bit
     /// boot protocol, Documentation/arch/x86/boot.rst): long mode, paging on
@@ -381,6 +383,10 @@ impl Vcpu {
 
     /// The VMM stops the TD (a KVM VM marked dead, or a triple fault).
     fn shut_down(&self, why: impl core::fmt::Display) -> ! {
+        if super::snp().is_some() {
+            println!("emulator: SNP guest shutdown: {why}");
+            self.fatal("SNP guest shutdown")
+        }
         println!("emulator: TD shutdown: {why}");
         self.fatal("TD shutdown")
     }

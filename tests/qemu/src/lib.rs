@@ -570,6 +570,8 @@ pub struct Report {
     pub concurrent: BTreeMap<String, u64>,
     /// The TDX-module emulator's `TDXEMU` counters (TD runs only).
     pub tdx: BTreeMap<String, u64>,
+    /// Its `SNPEMU` counters (SEV-SNP runs only).
+    pub snp: BTreeMap<String, u64>,
     /// `SUMMARY passed=.. failed=..`.
     pub summary: Option<(u64, u64)>,
     /// The first `FATAL:` or `PANIC:` line.
@@ -603,6 +605,12 @@ pub fn parse_log(log: &str) -> Report {
             let rest = &line[at + "TDXEMU ".len()..];
             if !rest.starts_with("snapshot=") && !rest.starts_with("page=") {
                 parse_counters(rest, &mut report.tdx);
+            }
+        } else if let Some(at) = line.find("SNPEMU ") {
+            // As TDXEMU: anywhere in the line, not the snapshots or probes.
+            let rest = &line[at + "SNPEMU ".len()..];
+            if !rest.starts_with("snapshot=") && !rest.starts_with("page=") {
+                parse_counters(rest, &mut report.snp);
             }
         } else if let Some(rest) = line.strip_prefix("SUMMARY ") {
             let field = |key: &str| {
