@@ -327,16 +327,8 @@ fn share_ghcbs_in_boot_map() {
         BOOT_PVALIDATE[0].fetch_add(1, Ordering::Relaxed);
         let shared = msr::page_state_change(&GuestGhcb, gpa >> 12, PageOp::Shared);
         BOOT_MSR_PSC.fetch_add(1, Ordering::Relaxed);
-        let mapped = tables
-            .lookup_address(VirtAddr(gpa))
-            .ok()
-            .filter(|leaf| leaf.level() == Level::Pt)
-            .and_then(|leaf| {
-                tables
-                    .update_leaf(&leaf, |entry| cc.make_shared(entry))
-                    .ok()
-            });
-        if rescinded.is_err() || shared.is_err() || mapped.is_none() {
+        let mapped = map_4k_leaf_shared(&tables, VirtAddr(gpa), cc);
+        if rescinded.is_err() || shared.is_err() || !mapped {
             msr::terminate(&GuestGhcb, 1, 1);
             bare::cpu::halt_forever();
         }
@@ -345,6 +337,23 @@ fn share_ghcbs_in_boot_map() {
         // else uses it.
         unsafe { core::ptr::write_bytes(gpa as *mut u8, 0, PAGE_SIZE as usize) };
     }
+}
+
+/// Makes the 4K leaf that maps `va` shared (C=0); false if there is none.
+fn map_4k_leaf_shared(
+    tables: &PageTables<super::memory::DirectMap>,
+    va: VirtAddr,
+    cc: CcMask,
+) -> bool {
+    tables
+        .lookup_address(va)
+        .ok()
+        .filter(|leaf| leaf.level() == Level::Pt)
+        .is_some_and(|leaf| {
+            tables
+                .update_leaf(&leaf, |entry| cc.make_shared(entry))
+                .is_ok()
+        })
 }
 
 /// Registers CPU `cpu`'s GHCB (MSR protocol) and puts its GPA in the MSR.
@@ -377,16 +386,7 @@ pub fn share_ghcbs_in(tables: &PageTables<super::memory::DirectMap>) {
     };
     for cpu in 0..MAX_CPUS {
         let va = VirtAddr(DIRECT_MAP_BASE + ghcb_gpa(cpu));
-        let updated = tables
-            .lookup_address(va)
-            .ok()
-            .filter(|leaf| leaf.level() == Level::Pt)
-            .and_then(|leaf| {
-                tables
-                    .update_leaf(&leaf, |entry| cc.make_shared(entry))
-                    .ok()
-            });
-        if updated.is_none() {
+        if !map_4k_leaf_shared(tables, va, cc) {
             panic!(
                 "the direct map has no 4K leaf for GHCB page {:#x}",
                 ghcb_gpa(cpu)

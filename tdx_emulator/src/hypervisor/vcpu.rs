@@ -214,21 +214,7 @@ pub fn run(index: usize, memory: &'static TdMemory, start: Start) -> ! {
         },
     );
     vmcb.write_u64(save::RIP, rip);
-    let vcpu = Vcpu {
-        index,
-        vmcb,
-        host_vmcb,
-        registers,
-        memory,
-        state: VcpuState {
-            index: index as u32,
-            ve_latched: None,
-        },
-        armed_deadline: 0,
-        stored: [(0, 0); 8],
-        ghcb_msr: 0,
-        registered_ghcb: None,
-    };
+    let vcpu = Vcpu::new(index, vmcb, host_vmcb, registers, memory);
     if index == 0 {
         // Only before the TD prints anything: the TD's console bytes and
         // the emulator's lines share COM1 without a common lock.
@@ -257,6 +243,31 @@ struct Vcpu {
 }
 
 impl Vcpu {
+    /// A vCPU whose VMCB holds its starting state.
+    fn new(
+        index: usize,
+        vmcb: Vmcb,
+        host_vmcb: u64,
+        registers: GuestRegisters,
+        memory: &'static TdMemory,
+    ) -> Vcpu {
+        Vcpu {
+            index,
+            vmcb,
+            host_vmcb,
+            registers,
+            memory,
+            state: VcpuState {
+                index: index as u32,
+                ve_latched: None,
+            },
+            armed_deadline: 0,
+            stored: [(0, 0); 8],
+            ghcb_msr: 0,
+            registered_ghcb: None,
+        }
+    }
+
     fn run_forever(mut self) -> ! {
         loop {
             self.enter();

@@ -128,21 +128,7 @@ pub(super) fn vcpu_from_vmsa(
         r14: g[14],
         r15: g[15],
     };
-    Vcpu {
-        index,
-        vmcb,
-        host_vmcb,
-        registers,
-        memory,
-        state: VcpuState {
-            index: index as u32,
-            ve_latched: None,
-        },
-        armed_deadline: 0,
-        stored: [(0, 0); 8],
-        ghcb_msr: 0,
-        registered_ghcb: None,
-    }
+    Vcpu::new(index, vmcb, host_vmcb, registers, memory)
 }
 
 impl Vcpu {
