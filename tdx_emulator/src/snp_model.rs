@@ -128,14 +128,16 @@ impl fmt::Display for SnpOptionError<'_> {
             SnpOptionError::Unknown(w) => write!(
                 f,
                 "SNP option \"{w}\": unknown (known: strict, lazy, c-bit=<32..51>, \
-                 snp-wrong-state=convert|kill, psc-pages-per-call=<n>, psc-lie, \
+                 snp-wrong-state=convert|kill (or wrong-state=convert|shutdown), \
+                 psc-pages-per-call=<n>, psc-lie, \
                  pvalidate-2m-refused)"
             ),
             SnpOptionError::CBit(w) => write!(f, "SNP option \"{w}\": c-bit= takes 32..=51"),
             SnpOptionError::Policy(w) => {
                 write!(
                     f,
-                    "SNP option \"{w}\": snp-wrong-state= takes convert or kill"
+                    "SNP option \"{w}\": snp-wrong-state= takes convert or kill, \
+                     wrong-state= convert or shutdown"
                 )
             }
             SnpOptionError::PagesPerCall(w) => {
@@ -167,6 +169,14 @@ impl SnpOptions {
                     self.policy = match policy {
                         "convert" => RmpPolicy::Convert,
                         "kill" => RmpPolicy::Kill,
+                        _ => return Err(SnpOptionError::Policy(word)),
+                    };
+                } else if let Some(policy) = word.strip_prefix("wrong-state=") {
+                    // The TD mode's word, for the same two policies (SNP
+                    // has no #VE to report a wrong-state access with).
+                    self.policy = match policy {
+                        "convert" => RmpPolicy::Convert,
+                        "shutdown" => RmpPolicy::Kill,
                         _ => return Err(SnpOptionError::Policy(word)),
                     };
                 } else if let Some(n) = word.strip_prefix("psc-pages-per-call=") {
@@ -397,6 +407,22 @@ pub mod psc_error {
     pub const INVALID_ENTRY: u64 = (1 << 32) | 2;
 }
 
+/// Pages whose change has begun (held, old alias unmapped), waiting for
+/// the one flush that completes them all.
+struct ChangeBatch {
+    pages: [(u64, RmpState); 512],
+    len: usize,
+}
+
+impl ChangeBatch {
+    fn new() -> Self {
+        ChangeBatch {
+            pages: [(0, RmpState::Shared); 512],
+            len: 0,
+        }
+    }
+}
+
 /// The most entries a PSC descriptor in the GHCB's shared buffer holds.
 pub const PSC_MAX_ENTRIES: usize = 253;
 
@@ -515,32 +541,78 @@ impl<'a> SnpModel<'a> {
     /// The page state change of one page: to shared or assigned
     /// (unvalidated; RMPUPDATE clears Validated). False outside memory.
     fn change(&self, gpa: u64, to_shared: bool, backing: &impl SnpBacking) -> bool {
+        let mut batch = ChangeBatch::new();
+        let done = self.begin_change(gpa, to_shared, backing, &mut batch);
+        self.finish_changes(&mut batch, backing);
+        done
+    }
+
+    /// Starts the change of the page at `gpa`: holds it and, if its state
+    /// changes, unmaps its old alias and adds it to `batch`, whose pages
+    /// get their new state in [`SnpModel::finish_changes`] after one
+    /// nested-TLB flush for all of them (a PSC of many pages is one flush,
+    /// not one per page). Never waits while holding: a page held elsewhere
+    /// finishes the batch first. False outside memory.
+    fn begin_change(
+        &self,
+        gpa: u64,
+        to_shared: bool,
+        backing: &impl SnpBacking,
+        batch: &mut ChangeBatch,
+    ) -> bool {
         let Some(slot) = self.slot(gpa) else {
             return false;
         };
-        let before = RmpState::from_byte(page_slots::hold(slot));
+        let byte = match page_slots::try_hold(slot) {
+            Some(byte) => byte,
+            None => {
+                self.finish_changes(batch, backing);
+                page_slots::hold(slot)
+            }
+        };
+        let before = RmpState::from_byte(byte);
         let after = match (to_shared, before) {
             (true, _) => RmpState::Shared,
             // Already assigned: KVM leaves it (and its Validated bit).
             (false, RmpState::Shared) => RmpState::Unvalidated,
             (false, assigned) => assigned,
         };
-        if after != before {
-            // The old alias goes before the page changes hands; a page
-            // changing hands gets fresh contents.
-            backing.set_mapping(gpa, RmpState::Unvalidated);
-            backing.flush_nested_tlbs();
+        if after == before {
+            page_slots::release_unchanged(slot);
+            return true;
+        }
+        // The old alias goes before the page changes hands.
+        backing.set_mapping(gpa, RmpState::Unvalidated);
+        batch.pages[batch.len] = (gpa, after);
+        batch.len += 1;
+        if batch.len == batch.pages.len() {
+            self.finish_changes(batch, backing);
+        }
+        true
+    }
+
+    /// Completes the batch: one flush, then each page zeroed (a page
+    /// changing hands gets fresh contents), mapped in its new state and
+    /// released.
+    fn finish_changes(&self, batch: &mut ChangeBatch, backing: &impl SnpBacking) {
+        if batch.len == 0 {
+            return;
+        }
+        backing.flush_nested_tlbs();
+        for &(gpa, after) in &batch.pages[..batch.len] {
             backing.zero_page(gpa);
             backing.set_mapping(gpa, after);
-            let counter = if to_shared {
+            if let Some(slot) = self.slot(gpa) {
+                page_slots::release(slot, after as u8);
+            }
+            let counter = if after == RmpState::Shared {
                 &self.counters.pages_to_shared
             } else {
                 &self.counters.pages_to_private
             };
             Counters::bump(counter);
         }
-        page_slots::release(slot, after as u8);
-        true
+        batch.len = 0;
     }
 
     /// A GHCB-page PSC: `buffer` is the GHCB's shared buffer (header: u16
@@ -564,6 +636,7 @@ impl<'a> SnpModel<'a> {
             n => n,
         };
         let mut status = 0;
+        let mut batch = ChangeBatch::new();
         'entries: while cur <= end && budget > 0 {
             let at = entry_at(cur);
             let mut raw = [0u8; 8];
@@ -582,7 +655,9 @@ impl<'a> SnpModel<'a> {
             }
             let mut now = done;
             while now < pages && budget > 0 {
-                if !self.options.psc_lie && !self.change((gfn + now) * PAGE, op == 2, backing) {
+                if !self.options.psc_lie
+                    && !self.begin_change((gfn + now) * PAGE, op == 2, backing, &mut batch)
+                {
                     status = psc_error::GENERIC;
                 }
                 if status == 0 {
@@ -599,6 +674,7 @@ impl<'a> SnpModel<'a> {
                 cur += 1;
             }
         }
+        self.finish_changes(&mut batch, backing);
         buffer[0..2].copy_from_slice(&(cur as u16).to_le_bytes());
         status
     }

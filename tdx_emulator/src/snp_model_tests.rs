@@ -370,6 +370,7 @@ fn options_parse_and_refuse_with_one_line() {
         "c-bit=52",
         "c-bit=x",
         "snp-wrong-state=ve",
+        "wrong-state=ve",
         "psc-pages-per-call=0",
         "tdx",
     ] {
@@ -379,6 +380,12 @@ fn options_parse_and_refuse_with_one_line() {
         assert!(line.contains(bad) && !line.contains('\n'), "{line}");
         assert_eq!(o, SnpOptions::default(), "{bad} changed nothing");
     }
+    // The TD mode's policy word names the same two policies.
+    let mut o = SnpOptions::default();
+    o.parse_word("wrong-state=shutdown").unwrap();
+    assert_eq!(o.policy, RmpPolicy::Kill);
+    o.parse_word("wrong-state=convert").unwrap();
+    assert_eq!(o.policy, RmpPolicy::Convert);
 }
 
 #[test]
@@ -476,5 +483,23 @@ fn the_msr_protocol_cpuid_request_names_its_leaf_and_register() {
                 register: 1
             }
         );
+    });
+}
+
+#[test]
+fn a_psc_of_many_pages_is_one_nested_tlb_flush_and_each_page_zeroed_after_it() {
+    with_snp(SnpOptions::default(), |model, fake, counters| {
+        let entries: Vec<_> = (10..30).map(|gfn| (gfn, 2, false)).collect();
+        let mut buffer = descriptor(&entries);
+        let flushes = load(&fake.flushes);
+        assert_eq!(model.ghcb_psc(&mut buffer, fake), 0);
+        assert_eq!(load(&fake.flushes), flushes + 1, "one flush for 20 pages");
+        assert!((10..30).all(|g| model.state(g * PAGE) == Some(RmpState::Shared)));
+        assert_eq!(fake.zeroed.lock().unwrap().len(), 20);
+        assert_eq!(load(&counters.pages_to_shared), 20);
+        // Unchanged pages cost nothing: the same PSC again flushes nothing.
+        let mut again = descriptor(&entries);
+        assert_eq!(model.ghcb_psc(&mut again, fake), 0);
+        assert_eq!(load(&fake.flushes), flushes + 1);
     });
 }

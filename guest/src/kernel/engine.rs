@@ -43,8 +43,9 @@ impl Machine for GuestMachine {
 pub static TRACE: AtomicBool = AtomicBool::new(false);
 
 /// One `TRACE` line: the leaf entry of `va` as it is now (value, present,
-/// shared, frame), and in a TD the emulator's state of its page right after
-/// (its page-state probe, port 0xfc, prints a `TDXEMU page=` line).
+/// shared, frame), and in a TD or an SNP guest the emulator's state of its
+/// page right after (its page-state probe, port 0xfc, prints a `TDXEMU
+/// page=` or `SNPEMU page=` line).
 pub fn trace_entry(what: &dyn core::fmt::Display, direction: Direction, va: VirtAddr, pages: u64) {
     let cc = engine().platform().cc_mask();
     match engine().tables().lookup_address(va) {
@@ -56,10 +57,10 @@ pub fn trace_entry(what: &dyn core::fmt::Display, direction: Direction, va: Virt
                 u8::from(leaf.entry.is_present()),
                 u8::from(cc.is_shared(leaf.entry))
             );
-            if td::active() {
+            if super::confidential() {
                 // SAFETY: port 0xfc is the emulator's page-state probe; the
                 // write changes nothing (a #VE the handler turns into the
-                // IO TDVMCALL).
+                // IO TDVMCALL, or a #VC it turns into the GHCB's IOIO).
                 unsafe { bare::cpu::outl(0xfc, (frame >> 12) as u32) };
             }
         }
@@ -81,12 +82,23 @@ pub enum GuestPlatform {
 }
 
 /// Why a notification failed, on whichever platform this is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum GuestError {
     /// The TDX platform's.
     Tdx(TdxError),
     /// The SNP platform's.
     Snp(SnpError),
+}
+
+/// The platform's own error as it is: reports read `MapGpa(...)` or
+/// `Pvalidate { .. }`, whatever the platform.
+impl core::fmt::Debug for GuestError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            GuestError::Tdx(e) => e.fmt(f),
+            GuestError::Snp(e) => e.fmt(f),
+        }
+    }
 }
 
 impl GuestPlatform {

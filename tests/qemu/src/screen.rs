@@ -1,6 +1,7 @@
 //! What `make run` shows: the guest's traced conversion (its `TRACE` lines,
-//! each followed in a TD by the emulator's `TDXEMU page=` probe line) as a
-//! table, and the counters of a run as a few lines.
+//! each followed in a TD or an SNP guest by the emulator's `TDXEMU page=` or
+//! `SNPEMU page=` probe line) as a table, and the counters of a run as a
+//! few lines.
 
 use crate::Report;
 
@@ -55,7 +56,10 @@ pub fn trace_rows(log: &str) -> Vec<TraceRow> {
                 frame: field(&words, "frame=").unwrap_or("?").to_string(),
                 emulator: None,
             });
-        } else if let Some(rest) = line.strip_prefix("TDXEMU page=") {
+        } else if let Some(rest) = line
+            .strip_prefix("TDXEMU page=")
+            .or_else(|| line.strip_prefix("SNPEMU page="))
+        {
             let words: Vec<&str> = rest.split_whitespace().collect();
             if let (Some(row), Some(state), Some(mapped)) = (
                 rows.last_mut(),
@@ -78,8 +82,8 @@ fn step_words(name: &str) -> &str {
         "ClearPresent" => "clear PRESENT",
         "FlushTlb" => "flush TLBs, all CPUs",
         "FlushCaches" => "flush caches",
-        "FlipEncoding" => "flip the shared bit",
-        "NotifyHypervisor" => "notify (MapGPA/ACCEPT)",
+        "FlipEncoding" => "flip the C/S bit",
+        "NotifyHypervisor" => "notify the hypervisor",
         "SetPresent" => "set PRESENT",
         other => other,
     }
@@ -134,6 +138,59 @@ pub fn value(counters: &std::collections::BTreeMap<String, u64>, key: &str) -> S
     counters
         .get(key)
         .map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// An SNP run's stress and counters: the guest's stress, the emulator's
+/// wrong-state counts, and what the guest says it sent beside what the
+/// emulator counted.
+pub fn render_snp(report: &Report) -> String {
+    let s = |k| value(&report.stress, k);
+    let e = |k| value(&report.snp, k);
+    let guest = if report.stress.contains_key("conversions") {
+        format!(
+            "conversions={} loads={} fixups={} wrong_bytes={} vc_404={}",
+            s("conversions"),
+            s("loads"),
+            s("fixups"),
+            s("wrong_bytes"),
+            s("vc_404")
+        )
+    } else {
+        "no stress report: the run ended before the stress did".into()
+    };
+    let mut out = format!(
+        "  guest:    {guest}\n  \
+         emulator: wrong_state={} vc_404={} implicit_conversions={}\n  \
+         {:<34} {:>8} {:>9}\n",
+        e("wrong_state"),
+        e("vc_404"),
+        e("implicit_conversions"),
+        "asked by the guest, seen by the emulator",
+        "guest",
+        "emulator"
+    );
+    for (what, guest_key, emulator_key) in [
+        ("MSR-protocol page state changes", "msr_psc", "msr_psc"),
+        (
+            "GHCB page state change calls",
+            "ghcb_psc_calls",
+            "ghcb_psc_calls",
+        ),
+        ("4K PVALIDATEs", "pvalidate_4k", "pvalidate_4k"),
+        ("2M PVALIDATEs", "pvalidate_2m", "pvalidate_2m"),
+        (
+            "pages made private (zeroed)",
+            "zeroed_pages",
+            "pages_to_private",
+        ),
+    ] {
+        out.push_str(&format!(
+            "    {what:<32} {:>8} {:>9}\n",
+            s(guest_key),
+            e(emulator_key)
+        ));
+    }
+    out
 }
 
 /// The stress and emulator counters of a run, in two lines.
@@ -203,7 +260,7 @@ TDXEMU page=0x1000 state=shared mapped=shared
             "a probe of another page is not this row's"
         );
         let table = render_trace(&rows);
-        assert!(table.contains("6 notify (MapGPA/ACCEPT)"), "{table}");
+        assert!(table.contains("6 notify the hypervisor"), "{table}");
         assert!(table.contains("to private"), "{table}");
         assert!(!table.contains('\x1b'));
     }

@@ -32,6 +32,12 @@ fn make_run_shows_the_td_run_and_the_legacy_order_beside_it() {
         "emulator: wrong_state=0 ve_ept_violation=0",
         "legacy order",
         "failed, as the negative control must",
+        // The SNP run: the trace shows the RMP state, the counts match.
+        "[3/3] the same guest as an AMD SEV-SNP guest",
+        "validated (private)",
+        "shared (shared)",
+        "emulator: wrong_state=0 vc_404=0",
+        "SNP run: passed, no page met in the other state, every count matched",
     ] {
         assert!(
             screen.contains(want),

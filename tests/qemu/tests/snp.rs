@@ -17,12 +17,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(600);
-/// Round trips of the stress. Every IPI and EOI of an SNP guest is a #VC
-/// and a GHCB exit (and each rescind a nested-TLB flush on every vCPU), so
-/// a round trip costs about seven times a TD's here (250 ms with 4 vCPUs
-/// on 2 cores); 100 keep the suite in its budget and still hit the window
-/// tens of thousands of times (`make soak-snp` runs 10 000).
-const SNP_STRESS_ROUNDS: u32 = 100;
+/// Round trips of the stress (each two conversions with a shootdown, two
+/// page state changes and two PVALIDATEs; every IPI and EOI of an SNP guest
+/// is a #VC and a GHCB exit). `make soak-snp` runs 10 000.
+const SNP_STRESS_ROUNDS: u32 = 300;
 
 static ONE_QEMU_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -165,6 +163,18 @@ fn snp_legacy_order_meets_unvalidated_and_hypervisor_owned_pages() {
         fail_with_log(&run, "the legacy order passed");
     }
     println!("  legacy order: vc_404={vc_404} wrong_state={wrong}");
+    // Under the other policy the first RMP violation stops the guest (or
+    // the guest stops at its first #VC 0x404 that is no zeropad load).
+    let elf = guest_legacy_elf().unwrap_or_else(|e| panic!("{e}"));
+    let (run, report) = snp_boot(elf, 4, "wrong-state=shutdown", "order=legacy");
+    let stopped_by_emulator = run.log.contains("(RMP violation, policy kill)");
+    let stopped_by_guest = emulator(&report, "vc_404") > 0 && report.crash.is_some();
+    if run.exit_code != Some(EXIT_FAIL) || !(stopped_by_emulator || stopped_by_guest) {
+        fail_with_log(
+            &run,
+            "wrong-state=shutdown: the legacy order did not end at a page in the other state",
+        );
+    }
 }
 
 /// A PSC that says it converted and did not: PVALIDATE meets the

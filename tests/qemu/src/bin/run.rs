@@ -6,14 +6,19 @@
 //! build runs the same stress in the legacy order (flip the shared bit in
 //! the live entry, flush, MapGPA) under the VMM policy KVM + QEMU have
 //! (implicit conversion), and a closing table puts its wrong-state accesses
-//! beside ours. Full logs go to target/run/; nothing printed carries
-//! terminal escape sequences (`qemu_harness::printable`).
+//! beside ours. Last, the same guest boots as an AMD SEV-SNP guest under
+//! the emulator's SNP mode: the traced conversion with the RMP state of the
+//! page at each step, the tests, the stress, and the page state changes and
+//! PVALIDATEs the guest sent beside those the emulator counted. Full logs
+//! go to target/run/; nothing printed carries terminal escape sequences
+//! (`qemu_harness::printable`).
 //!
-//! Usage: `run [--rounds N]` (stress round trips, default 300). Exit status
-//! 0 when our run passed with no wrong-state access and the legacy order
+//! Usage: `run [--rounds N]` (stress round trips, default 300; the SNP run
+//! does a third of them, each costing several times a TD's). Exit status 0
+//! when our runs passed with no wrong-state access and the legacy order
 //! showed some.
 
-use qemu_harness::screen::{render_stress, render_trace, trace_rows, value};
+use qemu_harness::screen::{render_snp, render_stress, render_trace, trace_rows, value};
 use qemu_harness::{
     describe_exit, emulator_elf, guest_elf, guest_legacy_elf, parse_log, run_guest, workspace_root,
     Machine, Report, Run, EXIT_PASS,
@@ -85,7 +90,7 @@ fn run(rounds: u32) -> Result<bool, String> {
         "make run: our guest as a TD under the TDX-module emulator, {CPUS} vCPUs (QEMU TCG), \
          then the same stress in the legacy order.\n"
     );
-    println!("[1/2] the seven steps: booting (emulator option strict: RAM starts pending) ...");
+    println!("[1/3] the seven steps: booting (emulator option strict: RAM starts pending) ...");
     let (ours, our_report) = boot(
         "seven-steps",
         guest_elf()?,
@@ -116,7 +121,7 @@ fn run(rounds: u32) -> Result<bool, String> {
     }
 
     println!(
-        "[2/2] the legacy order (flip the shared bit in the live entry, flush, then MapGPA), \
+        "[2/3] the legacy order (flip the shared bit in the live entry, flush, then MapGPA), \
          VMM policy {LEGACY_POLICY} (KVM + QEMU): booting the negative-control build ..."
     );
     let (legacy, legacy_report) = boot(
@@ -167,14 +172,63 @@ fn run(rounds: u32) -> Result<bool, String> {
             "DID NOT FAIL: the control shows nothing"
         }
     );
-    let ok = ours_ok && clean && control_ok;
+    let snp_ok = run_snp((rounds / 3).max(1))?;
+    let ok = ours_ok && clean && control_ok && snp_ok;
     println!(
         "\n{}",
         if ok {
             "make run: the non-present window kept every access away from a page in the other \
-             state; the legacy order did not."
+             state, as a TD and as an SNP guest; the legacy order did not."
         } else {
             "make run: FAILED; the logs in target/run/ say why."
+        }
+    );
+    Ok(ok)
+}
+
+/// [3/3]: the guest as an SEV-SNP guest; true if it passed with no
+/// wrong-state access, no #VC 0x404, and the guest's counts equal the
+/// emulator's.
+fn run_snp(rounds: u32) -> Result<bool, String> {
+    println!(
+        "\n[3/3] the same guest as an AMD SEV-SNP guest (emulator option snp: RAM assigned and \
+         unvalidated, PVALIDATE through a per-CPU window), {rounds} round trips ..."
+    );
+    let (snp, report) = boot(
+        "snp",
+        guest_elf()?,
+        "snp",
+        &format!("stress-rounds={rounds}"),
+    )?;
+    print!("{}", render_trace(&trace_rows(&snp.log)));
+    let (passed, failed) = report.summary.unwrap_or((0, 0));
+    println!("\nIn-guest tests: {passed} passed, {failed} failed");
+    println!("Stress and counters:");
+    print!("{}", render_snp(&report));
+    if let Some(crash) = &report.crash {
+        println!("  crash: {crash}");
+    }
+    let counted = |k: &str| report.snp.get(k).copied();
+    let sent = |k: &str| report.stress.get(k).copied();
+    let matched = [
+        ("msr_psc", "msr_psc"),
+        ("ghcb_psc_calls", "ghcb_psc_calls"),
+        ("pvalidate_4k", "pvalidate_4k"),
+        ("pvalidate_2m", "pvalidate_2m"),
+        ("zeroed_pages", "pages_to_private"),
+    ]
+    .iter()
+    .all(|(g, e)| sent(g).is_some() && sent(g) == counted(e));
+    let ok = snp.exit_code == Some(EXIT_PASS)
+        && counted("wrong_state") == Some(0)
+        && counted("vc_404") == Some(0)
+        && matched;
+    println!(
+        "  SNP run: {}",
+        if ok {
+            "passed, no page met in the other state, every count matched"
+        } else {
+            "FAILED"
         }
     );
     Ok(ok)
