@@ -3,9 +3,15 @@
 //! fields the hypervisor may use only when their bit in the valid bitmap is
 //! set, the shared buffer a page state change descriptor goes into, and the
 //! protocol version and usage. The kernel maps the page shared, registers
-//! it, and lends it here as a `&mut [u64; 512]`.
+//! it, and lends it here ([`Ghcb::from_raw`]). The hypervisor writes the
+//! page during a VMGEXIT (and a hostile one at any time), so every access
+//! is volatile and no Rust reference to the page is made.
+
+#![allow(unsafe_code)] // volatile accesses to the shared page, each with its SAFETY.
 
 use crate::psc::{PscDesc, PscEntry, PSC_MAX_ENTRIES};
+use core::marker::PhantomData;
+use core::ptr::NonNull;
 
 /// Byte offsets of the save-area fields a guest sets or reads.
 pub mod field {
@@ -55,23 +61,61 @@ const VERSION_AND_USAGE: usize = 0xff8;
 /// The protocol version SNP needs.
 pub const PROTOCOL_VERSION: u16 = 2;
 
+/// Qwords in the page.
+const QWORDS: usize = 512;
+
 /// A GHCB page lent by the kernel.
 pub struct Ghcb<'a> {
-    page: &'a mut [u64; 512],
+    page: NonNull<u64>,
+    _page: PhantomData<&'a mut [u64; QWORDS]>,
 }
 
 impl<'a> Ghcb<'a> {
-    /// The page (mapped shared, registered with the hypervisor).
-    pub fn new(page: &'a mut [u64; 512]) -> Self {
-        Ghcb { page }
+    /// A page the caller owns outright (host tests, or a copy).
+    pub fn new(page: &'a mut [u64; QWORDS]) -> Self {
+        Ghcb {
+            page: NonNull::from(page).cast(),
+            _page: PhantomData,
+        }
+    }
+
+    /// The kernel's GHCB page.
+    ///
+    /// # Safety
+    /// `page` is valid for volatile reads and writes of 4096 bytes and
+    /// 8-aligned for `'a`, and no Rust reference to that memory exists
+    /// meanwhile (only volatile accesses: the hypervisor's writes are then
+    /// no data race on Rust memory).
+    pub unsafe fn from_raw(page: NonNull<[u64; QWORDS]>) -> Self {
+        Ghcb {
+            page: page.cast(),
+            _page: PhantomData,
+        }
+    }
+
+    fn load(&self, qword: usize) -> u64 {
+        if qword >= QWORDS {
+            return 0;
+        }
+        // SAFETY: inside the page (checked), which `new` or `from_raw`'s
+        // caller made valid for volatile reads for 'a.
+        unsafe { self.page.as_ptr().add(qword).read_volatile() }
+    }
+
+    fn store(&mut self, qword: usize, value: u64) {
+        if qword >= QWORDS {
+            return;
+        }
+        // SAFETY: as `load`, for writes.
+        unsafe { self.page.as_ptr().add(qword).write_volatile(value) }
     }
 
     /// Starts a request: no field valid, standard usage, version 2.
     pub fn begin(&mut self) {
-        self.page[VALID_BITMAP / 8] = 0;
-        self.page[VALID_BITMAP / 8 + 1] = 0;
+        self.store(VALID_BITMAP / 8, 0);
+        self.store(VALID_BITMAP / 8 + 1, 0);
         // u16 version at 0xFFA, u32 usage (0) at 0xFFC, in the last qword.
-        self.page[VERSION_AND_USAGE / 8] = u64::from(PROTOCOL_VERSION) << 16;
+        self.store(VERSION_AND_USAGE / 8, u64::from(PROTOCOL_VERSION) << 16);
     }
 
     fn valid_bit(offset: usize) -> (usize, u64) {
@@ -85,9 +129,10 @@ impl<'a> Ghcb<'a> {
         if !offset.is_multiple_of(8) || offset >= VALID_BITMAP {
             return;
         }
-        self.page[offset / 8] = value;
+        self.store(offset / 8, value);
         let (at, bit) = Self::valid_bit(offset);
-        self.page[at] |= bit;
+        let bits = self.load(at);
+        self.store(at, bits | bit);
     }
 
     /// A field the hypervisor marked valid.
@@ -96,7 +141,7 @@ impl<'a> Ghcb<'a> {
             return None;
         }
         let (at, bit) = Self::valid_bit(offset);
-        (self.page[at] & bit != 0).then(|| self.page[offset / 8])
+        (self.load(at) & bit != 0).then(|| self.load(offset / 8))
     }
 
     /// The three fields every NAE sets.
@@ -110,11 +155,14 @@ impl<'a> Ghcb<'a> {
     /// is the GHCB's own GPA).
     pub fn put_psc(&mut self, desc: &PscDesc, gpa: u64) {
         let at = SHARED_BUFFER / 8;
-        self.page[at] = u64::from(desc.cur_entry)
-            | (u64::from(desc.end_entry) << 16)
-            | (u64::from(desc.reserved) << 32);
+        self.store(
+            at,
+            u64::from(desc.cur_entry)
+                | (u64::from(desc.end_entry) << 16)
+                | (u64::from(desc.reserved) << 32),
+        );
         for (i, entry) in desc.entries.iter().enumerate() {
-            self.page[at + 1 + i] = entry.0;
+            self.store(at + 1 + i, entry.0);
         }
         self.set(field::SW_SCRATCH, gpa + SHARED_BUFFER as u64);
     }
@@ -122,12 +170,12 @@ impl<'a> Ghcb<'a> {
     /// Reads the descriptor back from the shared buffer.
     pub fn take_psc(&self, desc: &mut PscDesc) {
         let at = SHARED_BUFFER / 8;
-        let header = self.page[at];
+        let header = self.load(at);
         desc.cur_entry = header as u16;
         desc.end_entry = (header >> 16) as u16;
         desc.reserved = (header >> 32) as u32;
         for i in 0..PSC_MAX_ENTRIES {
-            desc.entries[i] = PscEntry(self.page[at + 1 + i]);
+            desc.entries[i] = PscEntry(self.load(at + 1 + i));
         }
     }
 }

@@ -62,6 +62,9 @@ pub mod ghcb_field {
 
 /// Where the valid bitmap (one bit per qword of the save area) starts.
 const VALID_BITMAP: usize = 0x3f0;
+/// The end of the save area with its valid bitmap: what the hypervisor
+/// writes back.
+pub const SAVE_AREA_END: usize = 0x400;
 /// The shared buffer (where a PSC descriptor goes) and its size.
 pub const SHARED_BUFFER: usize = 0x800;
 pub const SHARED_BUFFER_BYTES: usize = 2032;

@@ -318,7 +318,8 @@ impl fmt::Display for SnpCounterFields<'_> {
 pub enum SnpFault {
     /// The alias is mapped by now (or the page was busy): re-execute.
     Retry,
-    /// Deliver #VC with this error code (CR2 = the faulting address).
+    /// Deliver #VC with this error code (the vCPU loop puts the faulting
+    /// virtual address in CR2).
     Vc {
         /// The error code (0x404: PAGE_NOT_VALIDATED).
         error_code: u64,
@@ -510,8 +511,10 @@ impl<'a> SnpModel<'a> {
             ),
             // Hypervisor features: SNP and AP creation.
             0x080 => answer(0x081, 0b11),
-            // GHCB registration: echo the GFN if the page is shared (the
-            // hypervisor must be able to read it), else a GFN of all ones.
+            // GHCB registration: echo the GFN if the page is shared, else a
+            // GFN of all ones. KVM echoes any GFN; refusing a page the
+            // hypervisor cannot read is this emulator's policy, so a guest
+            // that offers a private page hears of it at once.
             0x012 => {
                 let gfn = data & ((1 << 40) - 1);
                 if self.state(gfn * PAGE) == Some(RmpState::Shared) {
@@ -532,9 +535,11 @@ impl<'a> SnpModel<'a> {
                 set: ((request >> 12) & 0xf) as u8,
                 code: ((request >> 16) & 0xff) as u8,
             },
-            // Unknown requests: KVM answers with the request's code unset
-            // (GHCBInfo 0), which a guest must refuse.
-            _ => MsrAnswer::Response(0),
+            // Unknown requests: KVM leaves the GHCB MSR as it is
+            // (`sev_handle_vmgexit_msr_protocol`, "keep GHCB MSR value
+            // as-is"): the guest reads its own request back, which no
+            // response code matches.
+            _ => MsrAnswer::Response(request),
         }
     }
 

@@ -119,7 +119,11 @@ fn msr_protocol_answers_as_the_ghcb_specification_lays_them_out() {
             model.msr_protocol((7 << 16) | (1 << 12) | 0x100, fake),
             MsrAnswer::Terminate { set: 1, code: 7 }
         );
-        assert_eq!(response(model.msr_protocol(0x0ff, fake)), 0, "unknown");
+        assert_eq!(
+            response(model.msr_protocol(0x0ff, fake)),
+            0x0ff,
+            "unknown: the MSR kept"
+        );
         assert_eq!(load(&counters.msr_psc), 3);
     });
 }

@@ -151,11 +151,15 @@ fn ghcb_call<R>(fill: impl FnOnce(&mut Ghcb, u64), read: impl FnOnce(&Ghcb) -> R
             bare::cpu::halt_forever();
         }
         let gpa = ghcb_gpa(cpu);
+        let Some(page) = core::ptr::NonNull::new(phys_to_virt(gpa) as *mut [u64; 512]) else {
+            bare::cpu::halt_forever();
+        };
         // SAFETY: CPU `cpu`'s GHCB page, mapped shared at phys_to_virt (the
-        // boot map's split leaf, later the direct map), used only by this
-        // CPU and only with interrupts off, so no other reference exists.
-        let page = unsafe { &mut *(phys_to_virt(gpa) as *mut [u64; 512]) };
-        let mut ghcb = Ghcb::new(page);
+        // boot map's split leaf, later the direct map) for the whole run,
+        // page-aligned; this kernel makes no Rust reference to it (only
+        // Ghcb's volatile accesses), and only this CPU, with interrupts
+        // off, uses it.
+        let mut ghcb = unsafe { Ghcb::from_raw(page) };
         ghcb.begin();
         fill(&mut ghcb, gpa);
         core::sync::atomic::compiler_fence(Ordering::SeqCst);
@@ -278,8 +282,16 @@ pub fn enter_if_snp() -> bool {
     // SAFETY: CPUID says SEV, so SEV_STATUS exists (read-only, never
     // intercepted).
     let status = unsafe { bare::cpu::rdmsr(MSR_SEV_STATUS) };
+    if status & 1 == 0 {
+        // A CPU with SEV, and this VM not encrypted: an ordinary VM.
+        return false;
+    }
     if status & SEV_STATUS_SNP == 0 {
-        panic!("SEV without SNP (SEV_STATUS {status:#x}) is not supported");
+        // SEV or SEV-ES without SNP: not served (and with SEV-ES nothing
+        // can be printed before a GHCB). GHCB spec: reason set 0, code 2,
+        // SNP unsupported.
+        msr::terminate(&GuestGhcb, 0, 2);
+        bare::cpu::halt_forever();
     }
     let bit = match snp_hypercall::c_bit_from_cpuid(leaf.eax, leaf.ebx) {
         Ok(bit) => bit,
@@ -316,6 +328,7 @@ fn share_ghcbs_in_boot_map() {
         .is_err()
     {
         msr::terminate(&GuestGhcb, 1, 0);
+        bare::cpu::halt_forever();
     }
     // SAFETY: this is an SNP guest at CPL 0.
     let instruction = unsafe { PvalidateInstruction::new() };
@@ -425,7 +438,9 @@ pub fn validate_boot_ram(ram: &[RamRegion]) {
     let block = 2 << 20;
     for region in ram {
         let mut at = align_up(region.start.max(LOW_MEMORY_END), PAGE_SIZE);
-        let end = region.end & !(PAGE_SIZE - 1);
+        // The boot map covers the low 4 GiB, and so does the frame
+        // allocator (memory::IDENTITY_MAPPED_END); the emulator offers less.
+        let end = region.end.min(super::memory::IDENTITY_MAPPED_END) & !(PAGE_SIZE - 1);
         while at < end {
             if at.is_multiple_of(block) && end - at >= block {
                 if !one(at, PageSize::Size2M) {
@@ -458,11 +473,14 @@ pub fn handle_vc(frame: &mut Frame) {
         }
         0x404 => {
             VC_NOT_VALIDATED.fetch_add(1, Ordering::SeqCst);
-            // #VC carries no address: a zeropad load that crossed into the
-            // page met it at the next word, which starts that page.
-            let next_word = (frame.rdi & !7).wrapping_add(8);
-            if next_word.is_multiple_of(PAGE_SIZE)
-                && bare::extable::fixup_page_fault(frame, next_word)
+            // The faulting address is in CR2 (APM 15.36.10). The emulator
+            // leaves 0 for an instruction it does not decode: a zeropad
+            // load that crossed into the page met it at the next word.
+            let address = match bare::cpu::read_cr2() {
+                0 => (frame.rdi & !7).wrapping_add(8),
+                address => address,
+            };
+            if address.is_multiple_of(PAGE_SIZE) && bare::extable::fixup_page_fault(frame, address)
             {
                 return;
             }
@@ -508,8 +526,12 @@ fn vc_cpuid(frame: &mut Frame) {
 
 fn vc_ioio(frame: &mut Frame) {
     VC_IOIO.fetch_add(1, Ordering::Relaxed);
-    // SAFETY: RIP is the kernel's own code (the #VC came from CPL 0),
-    // mapped and readable; at most 3 bytes of the instruction are read.
+    if frame.cs & 3 != 0 {
+        super::faults::fatal_vc(frame, "#VC for IO outside the kernel");
+    }
+    // SAFETY: RIP is the kernel's own code (the #VC came from CPL 0, checked
+    // above), mapped and readable; at most 3 bytes of the instruction are
+    // read.
     let byte = |at: u64| unsafe { core::ptr::read_volatile((frame.rip + at) as *const u8) };
     let (prefix, opcode) = match byte(0) {
         0x66 => (1, byte(1)),
@@ -554,7 +576,11 @@ fn vc_ioio(frame: &mut Frame) {
 
 fn vc_msr(frame: &mut Frame) {
     VC_MSR.fetch_add(1, Ordering::Relaxed);
-    // SAFETY: as in vc_ioio: two bytes of the kernel's own code.
+    if frame.cs & 3 != 0 {
+        super::faults::fatal_vc(frame, "#VC for an MSR access outside the kernel");
+    }
+    // SAFETY: as in vc_ioio (CPL 0 checked above): two bytes of the
+    // kernel's own code.
     let opcode = unsafe { core::ptr::read_volatile((frame.rip + 1) as *const u8) };
     let write = match opcode {
         0x30 => true,
@@ -773,7 +799,7 @@ pub fn send_bad_request(kind: &str) -> bool {
                     end_entry: 300,
                     ..PscDesc::default()
                 };
-                desc.entries[0] = snp_hypercall::psc::PscEntry::new(0x3f000, PageOp::Shared, false);
+                desc.entries[0] = snp_hypercall::psc::PscEntry::new(0x8000, PageOp::Shared, false);
                 g.set_exit(exit_code::PSC, 0, 0);
                 g.put_psc(&desc, gpa);
             },
@@ -783,7 +809,7 @@ pub fn send_bad_request(kind: &str) -> bool {
         "snp-psc-bad-entry" => ghcb_call(
             |g, gpa| {
                 let mut desc = PscDesc::default();
-                desc.entries[0] = snp_hypercall::psc::PscEntry((0x3f000 << 12) | (7 << 52));
+                desc.entries[0] = snp_hypercall::psc::PscEntry((0x8000 << 12) | (7 << 52));
                 g.set_exit(exit_code::PSC, 0, 0);
                 g.put_psc(&desc, gpa);
             },
@@ -842,6 +868,13 @@ pub fn send_bad_request(kind: &str) -> bool {
              snp-ghcb-private or snp-ghcb-unregistered"
         ),
     };
+    if kind.starts_with("snp-psc-") {
+        // The page the refused entry named: the emulator's probe prints its
+        // state, which must still be the one it had (validated).
+        // SAFETY: port 0xfc is the emulator's page-state probe; the write
+        // changes nothing (a #VC the handler turns into the GHCB's IOIO).
+        unsafe { bare::cpu::outl(0xfc, 0x8000) };
+    }
     let refused = match kind {
         // KVM's VMGEXIT_PSC_ERROR_INVALID_HDR / _ENTRY in SW_EXITINFO2.
         "snp-psc-too-long" => info2 == (1 << 32) | 1,

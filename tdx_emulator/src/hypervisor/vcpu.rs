@@ -82,7 +82,8 @@ pub enum Start {
     /// (ACPI 6.4 section 5.2.12.19).
     Mailbox { vector: u64 },
     /// An SNP guest's AP, created from the VMSA its guest gave (GHCB AP
-    /// creation): every register as the VMSA holds it.
+    /// creation): segments, descriptor tables, EFER, CR0/CR3/CR4, RFLAGS,
+    /// RIP, RSP, the general-purpose registers and G_PAT as it holds them.
     Vmsa(tdx_emulator::snp_exits::VmsaState),
 }
 

@@ -63,6 +63,30 @@ const GP_EVENT: u64 = 13 | (3 << 8) | (1 << 31);
 /// ZF/PF/AF/SF/OF cleared.
 const RESULT_FLAGS: u64 = 0x8d5;
 
+/// Copies a guest page (host-physical `hpa`) out, 8 bytes at a time with
+/// volatile loads: other vCPUs (and the guest's own, after the exit) may
+/// write it meanwhile, so it is never aliased as Rust memory.
+fn copy_from_guest(hpa: u64, out: &mut [u8; 4096]) {
+    for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+        // SAFETY: `hpa` is a guest page (host_address checked it),
+        // identity-mapped in the emulator, 8-aligned; a volatile load of
+        // guest memory is what a DMA read is.
+        let word = unsafe { core::ptr::read_volatile((hpa + 8 * i as u64) as *const u64) };
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+/// Copies `bytes` (a multiple of 8) into guest memory at `hpa` (8-aligned),
+/// with volatile stores.
+fn copy_to_guest(bytes: &[u8], hpa: u64) {
+    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
+        // SAFETY: inside the guest page `hpa` starts in (callers pass a
+        // range of one page), identity-mapped, 8-aligned.
+        unsafe { core::ptr::write_volatile((hpa + 8 * i as u64) as *mut u64, word) };
+    }
+}
+
 fn model() -> &'static SnpModel<'static> {
     super::super::snp().expect("SNP exits only in SNP mode")
 }
@@ -358,7 +382,10 @@ impl Vcpu {
         let va = self.vmcb.read_u64(save::RAX);
         let size = self.registers.rcx as u32;
         let validate = self.registers.rdx & 1 != 0;
-        if size > 1 {
+        let align = if size == 1 { 2 << 20 } else { 4096 };
+        if size > 1 || !va.is_multiple_of(align) {
+            // Checked on RAX itself: a 4K leaf of an unaligned address may
+            // map an aligned frame.
             self.finish_rmp_instruction(snp_model::pvalidate_rc::FAIL_INPUT, false);
             return None;
         }
@@ -473,9 +500,7 @@ impl Vcpu {
         };
         snp.counters.ghcb_exits.fetch_add(1, Ordering::Relaxed);
         let mut page = [0u8; 4096];
-        // SAFETY: a shared guest page, identity-mapped; the guest's vCPU
-        // that owns this GHCB is stopped in this VMGEXIT.
-        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, page.as_mut_ptr(), 4096) };
+        copy_from_guest(hpa, &mut page);
         let mut ghcb = Ghcb::new(&mut page);
         let answer = self.ghcb_request(&mut ghcb, gpa);
         if let Err(reason) = answer {
@@ -484,8 +509,23 @@ impl Vcpu {
             ghcb.set(ghcb_field::SW_EXITINFO1, 2);
             ghcb.set(ghcb_field::SW_EXITINFO2, reason);
         }
-        // SAFETY: as above.
-        unsafe { core::ptr::copy_nonoverlapping(page.as_ptr(), hpa as *mut u8, 4096) };
+        // The request may have changed the GHCB's own state (a PSC that
+        // names it): the hypervisor then may not write it.
+        if snp.state(gpa) != Some(RmpState::Shared) {
+            snp.counters.ghcb_refused.fetch_add(1, Ordering::Relaxed);
+            self.shut_down(format_args!(
+                "the GHCB at {gpa:#x} stopped being a shared page during the request"
+            ));
+        }
+        // Back go the save area (answered fields and the valid bitmap) and
+        // the shared buffer, as KVM writes back what it answered and the
+        // scratch area; the rest of the page stays the guest's.
+        copy_to_guest(&page[..snp_exits::SAVE_AREA_END], hpa);
+        copy_to_guest(
+            &page[snp_exits::SHARED_BUFFER
+                ..snp_exits::SHARED_BUFFER + snp_exits::SHARED_BUFFER_BYTES],
+            hpa + snp_exits::SHARED_BUFFER as u64,
+        );
     }
 
     /// One GHCB request; Err is the SW_EXITINFO2 reason of a malformed one.
@@ -591,8 +631,7 @@ impl Vcpu {
             return refuse(format_args!("VMSA {vmsa_gpa:#x} outside guest memory"));
         };
         let mut page = [0u8; 4096];
-        // SAFETY: a guest page, identity-mapped; read only.
-        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, page.as_mut_ptr(), 4096) };
+        copy_from_guest(hpa, &mut page);
         let state = match snp_exits::parse_vmsa(&page, sev_features) {
             Ok(state) => state,
             Err(e) => return refuse(format_args!("{e}")),
@@ -638,7 +677,15 @@ impl Vcpu {
             .fetch_add(1, Ordering::Relaxed);
         match model().nested_fault(gpa, error & 2 != 0, self.memory) {
             SnpFault::Retry => None,
-            SnpFault::Vc { error_code } => self.deliver_vc(error_code),
+            SnpFault::Vc { error_code } => {
+                // The faulting guest virtual address goes in CR2 (APM
+                // 15.36.10); SVM reports only the GPA, so it is decoded
+                // from the instruction as in TD mode (0 when it is not one
+                // the decoder knows).
+                let gla = self.faulting_linear_address(gpa & !self.memory.c_bit);
+                self.vmcb.write_u64(save::CR2, gla);
+                self.deliver_vc(error_code)
+            }
             SnpFault::Kill(why) => self.shut_down(why),
         }
     }
