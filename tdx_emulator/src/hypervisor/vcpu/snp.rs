@@ -180,26 +180,31 @@ impl Vcpu {
         })
     }
 
-    fn read_guest_u64(&self, linear: u64) -> Option<u64> {
-        let gpa = self.translate(linear)?;
-        if gpa % 8 != 0 {
+    /// The host address of guest-virtual `linear` as the CPU reaches it
+    /// while delivering #VC (IDT, GDT, TSS, the stack: private accesses),
+    /// if its page is validated and the address `align`-aligned. An
+    /// unvalidated page there would be a second fault on hardware.
+    fn private_host_address(&self, linear: u64, align: u64) -> Option<u64> {
+        let gpa = self.translate(linear).filter(|gpa| gpa % align == 0)?;
+        if model().state(gpa) != Some(RmpState::Validated) {
             return None;
         }
-        let hpa = self.memory.host_address(gpa)?;
-        // SAFETY: guest memory, identity-mapped in the emulator, 8-aligned.
+        self.memory.host_address(gpa)
+    }
+
+    fn read_guest_u64(&self, linear: u64) -> Option<u64> {
+        let hpa = self.private_host_address(linear, 8)?;
+        // SAFETY: guest memory, identity-mapped in the emulator, 8-aligned;
+        // a volatile load (other vCPUs may write it, as with a DMA read).
         Some(unsafe { core::ptr::read_volatile(hpa as *const u64) })
     }
 
     fn write_guest_u64(&self, linear: u64, value: u64) -> bool {
-        let Some(hpa) = self
-            .translate(linear)
-            .filter(|gpa| gpa % 8 == 0)
-            .and_then(|gpa| self.memory.host_address(gpa))
-        else {
+        let Some(hpa) = self.private_host_address(linear, 8) else {
             return false;
         };
-        // SAFETY: guest memory, identity-mapped, 8-aligned; the vCPU this
-        // delivers to is stopped, and the stack is its own.
+        // SAFETY: guest memory, identity-mapped, 8-aligned; a volatile
+        // store, as the CPU's own push to the stack would be.
         unsafe { core::ptr::write_volatile(hpa as *mut u64, value) };
         true
     }
@@ -236,7 +241,7 @@ impl Vcpu {
             self.read_guest_u64(gate_at + 8),
         ) else {
             self.shut_down(format_args!(
-                "#VC {error_code:#x}: the IDT at {idt:#x} is not mapped"
+                "#VC {error_code:#x}: the IDT at {idt:#x} is not mapped on a validated page"
             ));
         };
         let mut gate = [0u8; 16];
@@ -281,7 +286,7 @@ impl Vcpu {
         for (i, value) in delivery.frame.iter().enumerate() {
             if !self.write_guest_u64(delivery.rsp + 8 * i as u64, *value) {
                 self.shut_down(format_args!(
-                    "#VC {error_code:#x}: its frame at {:#x} is not writable memory",
+                    "#VC {error_code:#x}: its frame at {:#x} is not on a validated page",
                     delivery.rsp
                 ));
             }
@@ -316,12 +321,9 @@ impl Vcpu {
     }
 
     fn read_guest_u32(&self, linear: u64) -> Option<u32> {
-        let gpa = self.translate(linear)?;
-        if gpa % 4 != 0 {
-            return None;
-        }
-        let hpa = self.memory.host_address(gpa)?;
-        // SAFETY: guest memory, identity-mapped in the emulator, 4-aligned.
+        let hpa = self.private_host_address(linear, 4)?;
+        // SAFETY: guest memory, identity-mapped in the emulator, 4-aligned;
+        // a volatile load.
         Some(unsafe { core::ptr::read_volatile(hpa as *const u32) })
     }
 
