@@ -19,7 +19,7 @@
 //! "TCG doesn't support requested feature: CPUID.01H:ECX.x2apic [bit 21]"
 //! and clears the bit), so there only the xAPIC path runs.
 
-use crate::cpu::{cpuid, disable_interrupts, enable_interrupts, interrupts_enabled, rdmsr, wrmsr};
+use crate::cpu::{cpuid, rdmsr, without_interrupts, wrmsr};
 use core::arch::asm;
 use core::sync::atomic::{fence, Ordering};
 
@@ -148,20 +148,6 @@ pub struct Apic {
 /// Whether this CPU reports x2APIC support (CPUID.1:ECX[21]).
 pub fn x2apic_supported() -> bool {
     cpuid(1, 0).ecx & CPUID_1_ECX_X2APIC != 0
-}
-
-/// Runs `f` with interrupts disabled, restoring the previous state, so a
-/// handler on this CPU cannot send an IPI between the two ICR writes.
-fn without_interrupts<T>(f: impl FnOnce() -> T) -> T {
-    let were_enabled = interrupts_enabled();
-    if were_enabled {
-        disable_interrupts();
-    }
-    let result = f();
-    if were_enabled {
-        enable_interrupts();
-    }
-    result
 }
 
 impl Apic {
@@ -408,6 +394,8 @@ impl Apic {
                 unsafe { wrmsr(X2APIC_MSR_BASE + register::ICR_LOW / 16, value) };
                 Ok(())
             }
+            // Interrupts off: a handler on this CPU cannot send an IPI
+            // between the two ICR writes.
             ApicMode::Xapic { .. } => without_interrupts(|| {
                 self.wait_for_delivery()?;
                 self.write(register::ICR_HIGH, destination << 24);

@@ -76,6 +76,53 @@ pub unsafe fn write_cr3(root: u64) {
     unsafe { asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) }
 }
 
+/// CR0.
+pub fn read_cr0() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR0 has no side effect; we run at CPL 0.
+    unsafe { asm!("mov {}, cr0", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// A descriptor-table register (GDTR, IDTR) as SGDT/SIDT store it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescriptorTable {
+    /// The limit (size - 1).
+    pub limit: u16,
+    /// The linear base.
+    pub base: u64,
+}
+
+/// The 10 bytes SGDT and SIDT store.
+#[repr(C, packed(2))]
+struct StoredDescriptorTable {
+    limit: u16,
+    base: u64,
+}
+
+/// GDTR.
+pub fn read_gdtr() -> DescriptorTable {
+    let mut stored = StoredDescriptorTable { limit: 0, base: 0 };
+    // SAFETY: SGDT stores 10 bytes into `stored`, which has that layout; it
+    // changes nothing else.
+    unsafe { asm!("sgdt [{}]", in(reg) &mut stored, options(nostack, preserves_flags)) };
+    DescriptorTable {
+        limit: stored.limit,
+        base: stored.base,
+    }
+}
+
+/// IDTR.
+pub fn read_idtr() -> DescriptorTable {
+    let mut stored = StoredDescriptorTable { limit: 0, base: 0 };
+    // SAFETY: as read_gdtr, for SIDT.
+    unsafe { asm!("sidt [{}]", in(reg) &mut stored, options(nostack, preserves_flags)) };
+    DescriptorTable {
+        limit: stored.limit,
+        base: stored.base,
+    }
+}
+
 /// CR4.
 pub fn read_cr4() -> u64 {
     let value: u64;
@@ -224,6 +271,20 @@ pub fn interrupts_enabled() -> bool {
     // SAFETY: reading RFLAGS has no side effect.
     unsafe { asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags)) }
     flags & (1 << 9) != 0
+}
+
+/// Runs `f` with interrupts disabled on this CPU, restoring the previous
+/// state after it.
+pub fn without_interrupts<T>(f: impl FnOnce() -> T) -> T {
+    let were_enabled = interrupts_enabled();
+    if were_enabled {
+        disable_interrupts();
+    }
+    let result = f();
+    if were_enabled {
+        enable_interrupts();
+    }
+    result
 }
 
 /// Waits for an interrupt (returns at once if one is pending and enabled).

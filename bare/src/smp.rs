@@ -705,13 +705,6 @@ pub unsafe fn start_aps_directly(
     })
 }
 
-fn read_cr0() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR0 has no side effect; we run at CPL 0.
-    unsafe { asm!("mov {}, cr0", out(reg) value, options(nomem, nostack, preserves_flags)) }
-    value
-}
-
 /// Starts every CPU in `apic_ids` except the calling BSP (listing it is
 /// allowed, it is skipped), one at a time, giving them indices 1, 2, ... in
 /// list order. Each AP runs `config.entry(index)` on
@@ -781,7 +774,8 @@ pub unsafe fn start_aps(
         .trampoline_virtual
         .wrapping_add(params_at - start as usize) as *mut TrampolineParams;
 
-    let cr0 = (read_cr0() & !(CR0_CACHE_DISABLE | CR0_NOT_WRITE_THROUGH | CR0_TASK_SWITCHED))
+    let cr0 = (crate::cpu::read_cr0()
+        & !(CR0_CACHE_DISABLE | CR0_NOT_WRITE_THROUGH | CR0_TASK_SWITCHED))
         | CR0_PG
         | CR0_WP
         | CR0_PE;

@@ -4,7 +4,7 @@
 //! one conversion to shared and one back in TSC cycles and prints the
 //! medians, one line per size and direction:
 //!
-//! `BENCH kernel=ours order=<o> platform=<td|plain> cpus=N pages=P
+//! `BENCH kernel=ours order=<o> platform=<td|snp|plain> cpus=N pages=P
 //! dir=<to-shared|to-private> cycles=<median> rounds=K guest_shootdowns=S
 //! guest_ipis=I guest_map_gpa=M guest_accepts=A flushed_pages=F`
 //!
@@ -179,7 +179,7 @@ fn time_tlb_flushes(cpus: usize, samples: &mut [u64]) {
 /// s, from its start.
 pub fn run(cpus: usize, settings: Settings) -> bool {
     let rounds = settings.rounds;
-    let platform = if td::active() { "td" } else { "plain" };
+    let platform = super::engine::engine().platform().name();
     let mut samples = SAMPLES.lock();
     time_tlb_flushes(cpus, &mut samples[0][..rounds]);
     for (s, &pages) in settings.sizes().iter().enumerate() {

@@ -89,18 +89,6 @@ fn vmgexit() {
     unsafe { core::arch::asm!(".byte 0xf3, 0x0f, 0x01, 0xd9", options(nostack)) }
 }
 
-/// Runs `f` with interrupts off (the GHCB and the GHCB MSR are per CPU, and
-/// an interrupt handler's #VC would use them).
-fn without_interrupts<R>(f: impl FnOnce() -> R) -> R {
-    let enabled = bare::cpu::interrupts_enabled();
-    bare::cpu::disable_interrupts();
-    let result = f();
-    if enabled {
-        bare::cpu::enable_interrupts();
-    }
-    result
-}
-
 /// This CPU's index, 0 before `bare::smp::init_bsp` (only the boot CPU
 /// runs then, and its GS base is not set up yet).
 fn this_cpu() -> usize {
@@ -122,7 +110,7 @@ pub struct GuestGhcb;
 
 impl GhcbMsr for GuestGhcb {
     fn exchange(&self, request: u64) -> u64 {
-        without_interrupts(|| {
+        bare::cpu::without_interrupts(|| {
             let cpu = this_cpu();
             // SAFETY: the GHCB MSR exists in an SNP guest (CPUID said SEV
             // before the first exchange); only this CPU, with interrupts
@@ -143,7 +131,7 @@ impl GhcbMsr for GuestGhcb {
 /// One NAE through this CPU's GHCB: `fill` sets the request (given the
 /// GHCB's GPA), `read` takes the answer. Interrupts off throughout.
 fn ghcb_call<R>(fill: impl FnOnce(&mut Ghcb, u64), read: impl FnOnce(&Ghcb) -> R) -> R {
-    without_interrupts(|| {
+    bare::cpu::without_interrupts(|| {
         let cpu = this_cpu();
         if !REGISTERED[cpu].load(Ordering::Relaxed) {
             // Nothing can be printed without a GHCB (the console is IO).
@@ -204,7 +192,7 @@ impl PrivateWindow for ValidationWindow {
             PageSize::Size2M => Level::Pd,
         };
         let cc = cc_mask().ok_or(WindowUnavailable)?;
-        without_interrupts(|| {
+        bare::cpu::without_interrupts(|| {
             let window = Window::map_for_validation(super::cpu_index(), frame, level, cc)
                 .map_err(|_| WindowUnavailable)?;
             bare::cpu::invlpg(window.address());
@@ -376,7 +364,7 @@ fn register_ghcb_of(cpu: usize) {
         msr::terminate(&GuestGhcb, 1, 0);
         bare::cpu::halt_forever();
     }
-    without_interrupts(|| {
+    bare::cpu::without_interrupts(|| {
         // SAFETY: the GHCB MSR exists in an SNP guest; it now names this
         // CPU's registered, shared GHCB.
         unsafe { bare::cpu::wrmsr(MSR_GHCB, gpa) };
@@ -650,25 +638,11 @@ pub fn start_aps(
     entry: extern "C" fn(usize) -> !,
     timeout_us: u64,
 ) -> Result<usize, bare::smp::SmpError> {
-    let descriptor_table = |store: fn(&mut [u8; 10])| {
-        let mut raw = [0u8; 10];
-        store(&mut raw);
-        (
-            u16::from_le_bytes([raw[0], raw[1]]),
-            u64::from_le_bytes(raw[2..].try_into().expect("8 bytes")),
-        )
-    };
-    let gdtr = descriptor_table(|raw| {
-        // SAFETY: SGDT stores 10 bytes at the pointer.
-        unsafe { core::arch::asm!("sgdt [{}]", in(reg) raw.as_mut_ptr(), options(nostack)) }
-    });
-    let idtr = descriptor_table(|raw| {
-        // SAFETY: SIDT stores 10 bytes at the pointer.
-        unsafe { core::arch::asm!("sidt [{}]", in(reg) raw.as_mut_ptr(), options(nostack)) }
-    });
-    // SAFETY: reading control registers and EFER (handled by the CPU for
-    // an SNP guest) has no side effect.
-    let (cr0, cr4, efer) = unsafe { (read_cr0(), read_cr4(), bare::cpu::rdmsr(0xc000_0080)) };
+    let (gdtr, idtr) = (bare::cpu::read_gdtr(), bare::cpu::read_idtr());
+    // SAFETY: reading EFER (the CPU's for an SNP guest: no #VC) has no side
+    // effect.
+    let efer = unsafe { bare::cpu::rdmsr(0xc000_0080) };
+    let (cr0, cr4) = (bare::cpu::read_cr0(), bare::cpu::read_cr4());
     let cr3 = bare::cpu::read_cr3();
     let create = |regs: &bare::smp::ApRegisters| {
         let mut vmsa = super::memory::FRAMES.allocate_zeroed();
@@ -696,9 +670,9 @@ pub fn start_aps(
             (0x30, data),
             (0x40, data),
             (0x50, data),
-            (0x60, segment(0, 0, u64::from(gdtr.0), gdtr.1)),
+            (0x60, segment(0, 0, u64::from(gdtr.limit), gdtr.base)),
             (0x70, segment(0, 0x82, 0xffff, 0)),
-            (0x80, segment(0, 0, u64::from(idtr.0), idtr.1)),
+            (0x80, segment(0, 0, u64::from(idtr.limit), idtr.base)),
             (0x90, segment(0, 0x8b, 0xffff, 0)),
         ] {
             put(at, low);
@@ -753,32 +727,6 @@ pub fn start_aps(
     unsafe {
         bare::smp::start_aps_directly(bsp_apic_id, apic_ids, entry, &stack_top, create, &wait)
     }
-}
-
-/// CR0.
-///
-/// # Safety
-/// CPL 0.
-unsafe fn read_cr0() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR0 has no side effect at CPL 0.
-    unsafe {
-        core::arch::asm!("mov {}, cr0", out(reg) value, options(nomem, nostack, preserves_flags))
-    };
-    value
-}
-
-/// CR4.
-///
-/// # Safety
-/// CPL 0.
-unsafe fn read_cr4() -> u64 {
-    let value: u64;
-    // SAFETY: reading CR4 has no side effect at CPL 0.
-    unsafe {
-        core::arch::asm!("mov {}, cr4", out(reg) value, options(nomem, nostack, preserves_flags))
-    };
-    value
 }
 
 /// `fault=snp-...`: malformed requests the hypervisor must refuse with a
@@ -855,7 +803,7 @@ pub fn send_bad_request(kind: &str) -> bool {
         "snp-ghcb-unregistered" => {
             let other = ghcb_gpa(super::cpu_index() + 1);
             bare::println!("SNPBAD kind={kind}: VMGEXIT with GHCB {other:#x}");
-            without_interrupts(|| {
+            bare::cpu::without_interrupts(|| {
                 // SAFETY: the GHCB MSR of an SNP guest; deliberately wrong
                 // (the hypervisor is expected to stop the guest here).
                 unsafe { bare::cpu::wrmsr(MSR_GHCB, other) };

@@ -333,82 +333,47 @@ extern "C" fn bare_main(start_info: u64) -> ! {
         memory
     });
     let pages = (td_bytes / 4096) as usize;
-    if let Some(snp_options) = snp_options {
-        boot_snp(
-            memory,
-            snp_options,
-            pages,
-            kernel_file,
-            module_size,
-            cpus,
-            kernel_line,
-            &apic_ids[..cpus],
-        );
-    }
-    let td =
-        TD.call_once(|| TdModel::new(&PAGE_STATES[..pages], GPAW, cpus as u32, options, &COUNTERS));
-    // All of RAM accepted (as TD firmware leaves it for a kernel without
-    // an EFI unaccepted-memory table), or pending but for the launch image.
-    let rest = if options.pending_ram {
-        PageState::Pending
-    } else {
-        PageState::Private
+    // The launch state of RAM, then of what the launch loads (the first
+    // MiB, the image, the initramfs), which is accepted in a TD and
+    // validated in an SNP guest (as SNP_LAUNCH_UPDATE leaves what it
+    // measured).
+    let launch = match snp_options {
+        Some(snp_options) => {
+            let snp =
+                SNP.call_once(|| SnpModel::new(&PAGE_STATES[..pages], snp_options, &SNP_COUNTERS));
+            // Assigned and unvalidated (`strict`) or shared (`lazy`).
+            let rest = if snp_options.strict {
+                RmpState::Unvalidated
+            } else {
+                RmpState::Shared
+            };
+            snp.initialise(0, td_bytes, rest, memory);
+            Launch::Snp(snp)
+        }
+        None => {
+            let td = TD.call_once(|| {
+                TdModel::new(&PAGE_STATES[..pages], GPAW, cpus as u32, options, &COUNTERS)
+            });
+            // All of RAM accepted (as TD firmware leaves it for a kernel
+            // without an EFI unaccepted-memory table), or pending but for
+            // the launch image.
+            let rest = if options.pending_ram {
+                PageState::Pending
+            } else {
+                PageState::Private
+            };
+            td.initialise(0, td_bytes, rest, memory);
+            Launch::Td(td)
+        }
     };
-    td.initialise(0, td_bytes, rest, memory);
-    td.initialise(0, FIRMWARE_END, PageState::Private, memory);
-
+    launch.loaded(0, FIRMWARE_END, memory);
     let kernel = load_kernel(kernel_file, memory);
-    td.initialise(kernel.image.0, kernel.image.1, PageState::Private, memory);
+    launch.loaded(kernel.image.0, kernel.image.1, memory);
     let initrd = load_initrd(kernel.bz.as_ref(), kernel.image.1, memory);
     if let Some((start, size)) = initrd {
-        td.initialise(start, start + size, PageState::Private, memory);
+        launch.loaded(start, start + size, memory);
     }
-    build_firmware(memory, cpus, kernel_line, kernel.bz.as_ref(), initrd, 0);
-    println!(
-        "emulator: TD of {} MiB, GPAW {GPAW}, {cpus} vCPU(s), RAM {}, wrong-state policy {:?}{}{}; entry {:#x}, {} kernel of {} KiB, initramfs {} KiB, command line {kernel_line:?}",
-        td_bytes >> 20,
-        if options.pending_ram { "pending" } else { "accepted" },
-        options.wrong_state,
-        if options.map_gpa_retry_every_page { ", MapGPA RETRY every page" } else { "" },
-        if options.refuse_large_accept { ", 2M/1G ACCEPT refused" } else { "" },
-        kernel.entry,
-        if kernel.bz.is_some() { "bzImage" } else { "ELF" },
-        module_size >> 10,
-        initrd.map_or(0, |(_, size)| size >> 10),
-    );
-    build_permission_maps();
-    start_vcpus(memory, &apic_ids[..cpus], kernel.entry)
-}
-
-/// The SNP guest's launch: RAM assigned and unvalidated (`strict`) or
-/// shared (`lazy`), the firmware pages, the image and the initramfs
-/// validated (as SNP_LAUNCH_UPDATE leaves what it measured), the boot map
-/// with the C-bit in every entry.
-#[allow(clippy::too_many_arguments)]
-fn boot_snp(
-    memory: &'static TdMemory,
-    options: SnpOptions,
-    pages: usize,
-    kernel_file: &'static [u8],
-    module_size: u64,
-    cpus: usize,
-    kernel_line: &str,
-    apic_ids: &[u32],
-) -> ! {
-    let snp = SNP.call_once(|| SnpModel::new(&PAGE_STATES[..pages], options, &SNP_COUNTERS));
-    let rest = if options.strict {
-        RmpState::Unvalidated
-    } else {
-        RmpState::Shared
-    };
-    snp.initialise(0, memory.bytes, rest, memory);
-    snp.initialise(0, FIRMWARE_END, RmpState::Validated, memory);
-    let kernel = load_kernel(kernel_file, memory);
-    snp.initialise(kernel.image.0, kernel.image.1, RmpState::Validated, memory);
-    let initrd = load_initrd(kernel.bz.as_ref(), kernel.image.1, memory);
-    if let Some((start, size)) = initrd {
-        snp.initialise(start, start + size, RmpState::Validated, memory);
-    }
+    // An SNP guest's boot map has the C-bit in every entry.
     build_firmware(
         memory,
         cpus,
@@ -417,24 +382,58 @@ fn boot_snp(
         initrd,
         memory.c_bit,
     );
-    println!(
-        "emulator: SNP guest of {} MiB, C-bit {}, {cpus} vCPU(s), RAM {}, RMP-violation policy {:?}{}{}{}; entry {:#x}, {} kernel of {} KiB, command line {kernel_line:?}",
-        memory.bytes >> 20,
-        options.c_bit,
-        if options.strict { "unvalidated" } else { "shared" },
-        options.policy,
-        match options.psc_pages_per_call {
-            0 => "",
-            _ => ", PSC partial progress",
-        },
-        if options.psc_lie { ", PSC lies" } else { "" },
-        if options.refuse_2m_pvalidate { ", 2M PVALIDATE refused" } else { "" },
-        kernel.entry,
-        if kernel.bz.is_some() { "bzImage" } else { "ELF" },
-        module_size >> 10,
-    );
+    let format = if kernel.bz.is_some() {
+        "bzImage"
+    } else {
+        "ELF"
+    };
+    match snp_options {
+        Some(snp) => println!(
+            "emulator: SNP guest of {} MiB, C-bit {}, {cpus} vCPU(s), RAM {}, RMP-violation policy {:?}{}{}{}; entry {:#x}, {format} kernel of {} KiB, command line {kernel_line:?}",
+            td_bytes >> 20,
+            snp.c_bit,
+            if snp.strict { "unvalidated" } else { "shared" },
+            snp.policy,
+            match snp.psc_pages_per_call {
+                0 => "",
+                _ => ", PSC partial progress",
+            },
+            if snp.psc_lie { ", PSC lies" } else { "" },
+            if snp.refuse_2m_pvalidate { ", 2M PVALIDATE refused" } else { "" },
+            kernel.entry,
+            module_size >> 10,
+        ),
+        None => println!(
+            "emulator: TD of {} MiB, GPAW {GPAW}, {cpus} vCPU(s), RAM {}, wrong-state policy {:?}{}{}; entry {:#x}, {format} kernel of {} KiB, initramfs {} KiB, command line {kernel_line:?}",
+            td_bytes >> 20,
+            if options.pending_ram { "pending" } else { "accepted" },
+            options.wrong_state,
+            if options.map_gpa_retry_every_page { ", MapGPA RETRY every page" } else { "" },
+            if options.refuse_large_accept { ", 2M/1G ACCEPT refused" } else { "" },
+            kernel.entry,
+            module_size >> 10,
+            initrd.map_or(0, |(_, size)| size >> 10),
+        ),
+    }
     build_permission_maps();
-    start_vcpus(memory, apic_ids, kernel.entry)
+    start_vcpus(memory, &apic_ids[..cpus], kernel.entry)
+}
+
+/// Which model keeps the guest's page states.
+#[derive(Clone, Copy)]
+enum Launch {
+    Td(&'static TdModel<'static>),
+    Snp(&'static SnpModel<'static>),
+}
+
+impl Launch {
+    /// `[start, end)` holds what the launch loaded: accepted, or validated.
+    fn loaded(self, start: u64, end: u64, memory: &TdMemory) {
+        match self {
+            Launch::Td(td) => td.initialise(start, end, PageState::Private, memory),
+            Launch::Snp(snp) => snp.initialise(start, end, RmpState::Validated, memory),
+        }
+    }
 }
 
 fn start_vcpus(memory: &'static TdMemory, apic_ids: &[u32], entry: u64) -> ! {

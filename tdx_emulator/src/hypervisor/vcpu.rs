@@ -344,33 +344,9 @@ impl Vcpu {
         // injects its own event must not lose it (events::merge).
         let interrupted = Event::from_exit_int_info(self.vmcb.read_u64(control::EXIT_INT_INFO));
         self.vmcb.write_u64(control::EVENT_INJECTION, 0);
-        let injected = if let Some(snp_answer) = self.snp_exit(code, info1, info2) {
-            snp_answer
-        } else {
-            match code {
-                exit::EXCEPTION_UD => self.undefined_opcode(),
-                exit::CPUID => self.cpuid(),
-                exit::CR0_WRITE | exit::CR4_WRITE => self.control_register_write(),
-                // HLT always #VEs in a TD (TDX module td_other_exits.c); the
-                // guest asks the VMM through TDVMCALL<Instruction.HLT>.
-                exit::HLT => self.virtualization_exception(exit_reason::HLT, 0, 1),
-                exit::IOIO => self.port_io(info1, info2),
-                exit::MSR => self.msr(info1 == 1),
-                exit::NPF => self.nested_page_fault(info1, info2),
-                // The TDX module raises #VE for these in every configuration.
-                exit::WBINVD => self.virtualization_exception(exit_reason::WBINVD, 0, 2),
-                exit::INVD => self.virtualization_exception(exit_reason::INVD, 0, 2),
-                exit::INTR | exit::NMI | exit::VINTR => None,
-                exit::SHUTDOWN => self.shut_down("the TD shut down (triple fault)"),
-                exit::INVALID => self.fatal("VMRUN refused the guest state"),
-                other => {
-                    println!(
-                    "emulator: vCPU {} unexpected #VMEXIT {other:#x} info {info1:#x} {info2:#x}",
-                    self.index
-                );
-                    self.fatal("unexpected exit");
-                }
-            }
+        let injected = match self.snp_exit(code, info1, info2) {
+            Some(answer) => answer,
+            None => self.td_exit(code, info1, info2),
         };
         let merged = events::merge(interrupted, injected);
         if let Some(vector) = merged.requeue {
@@ -378,6 +354,34 @@ impl Vcpu {
         }
         if let Some(event) = merged.inject {
             self.inject(event);
+        }
+    }
+
+    /// A TD's exit, and the exits an SNP guest shares with it.
+    fn td_exit(&mut self, code: u64, info1: u64, info2: u64) -> Option<Event> {
+        match code {
+            exit::EXCEPTION_UD => self.undefined_opcode(),
+            exit::CPUID => self.cpuid(),
+            exit::CR0_WRITE | exit::CR4_WRITE => self.control_register_write(),
+            // HLT always #VEs in a TD (TDX module td_other_exits.c); the
+            // guest asks the VMM through TDVMCALL<Instruction.HLT>.
+            exit::HLT => self.virtualization_exception(exit_reason::HLT, 0, 1),
+            exit::IOIO => self.port_io(info1, info2),
+            exit::MSR => self.msr(info1 == 1),
+            exit::NPF => self.nested_page_fault(info1, info2),
+            // The TDX module raises #VE for these in every configuration.
+            exit::WBINVD => self.virtualization_exception(exit_reason::WBINVD, 0, 2),
+            exit::INVD => self.virtualization_exception(exit_reason::INVD, 0, 2),
+            exit::INTR | exit::NMI | exit::VINTR => None,
+            exit::SHUTDOWN => self.shut_down("the TD shut down (triple fault)"),
+            exit::INVALID => self.fatal("VMRUN refused the guest state"),
+            other => {
+                println!(
+                    "emulator: vCPU {} unexpected #VMEXIT {other:#x} info {info1:#x} {info2:#x}",
+                    self.index
+                );
+                self.fatal("unexpected exit");
+            }
         }
     }
 
@@ -433,6 +437,14 @@ impl Vcpu {
         if self.vmcb.read_u64(save::CR0) & (1 << 31) == 0 {
             return Some(linear);
         }
+        self.guest_tables()?
+            .translate(VirtAddr(linear))
+            .map(|pa| pa.0)
+    }
+
+    /// The guest's own tables (CR3), read with its platform's C/S bits
+    /// (TDX's shared bit, or SNP's C-bit).
+    fn guest_tables(&self) -> Option<PageTables<GuestTables>> {
         let cc = if self.memory.c_bit != 0 {
             CcMask::with_private_bit(self.memory.c_bit.trailing_zeros()).ok()?
         } else {
@@ -442,15 +454,14 @@ impl Vcpu {
         // SAFETY: the guest's tables are the guest's to get wrong, and
         // GuestTables is sound for any address: it reads only TD memory (8
         // aligned bytes, volatile) and writes nothing.
-        let tables = unsafe {
+        Some(unsafe {
             PageTables::new(
                 GuestTables(self.memory),
                 PhysAddr(root),
                 PagingMode::FourLevel,
                 cc,
             )
-        };
-        tables.translate(VirtAddr(linear)).map(|pa| pa.0)
+        })
     }
 
     fn read_guest_byte(&self, linear: u64) -> Option<u8> {
@@ -549,11 +560,7 @@ impl Vcpu {
             vcpus: TD_VCPUS.load(Ordering::SeqCst) as u32,
             gpaw: super::GPAW,
         };
-        let base = |leaf: u32, subleaf: u32| {
-            let r = bare::cpu::cpuid(leaf, subleaf);
-            [r.eax, r.ebx, r.ecx, r.edx]
-        };
-        match cpuid::td_cpuid(leaf, subleaf, self.index as u32, &config, base) {
+        match cpuid::td_cpuid(leaf, subleaf, self.index as u32, &config, host_cpuid) {
             CpuidAnswer::Native([a, b, c, d]) => {
                 self.vmcb.write_u64(save::RAX, a.into());
                 (self.registers.rbx, self.registers.rcx, self.registers.rdx) =
@@ -823,6 +830,13 @@ impl Vcpu {
             bare::cpu::enable_interrupts_and_halt();
         }
     }
+}
+
+/// This (L1) CPU's CPUID, as EAX, EBX, ECX, EDX: what the CPU offers the
+/// guest before the TDX module's or the hypervisor's rules.
+fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = bare::cpu::cpuid(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
 }
 
 enum NativeWrite {

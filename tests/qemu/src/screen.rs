@@ -140,6 +140,24 @@ pub fn value(counters: &std::collections::BTreeMap<String, u64>, key: &str) -> S
         .map_or_else(|| "-".into(), |v| v.to_string())
 }
 
+/// What an SNP guest says it asked for (its `STRESS` key) beside what the
+/// emulator counted (its `SNPEMU` key), with a label: the two must agree.
+pub const SNP_SENT_AND_SEEN: [(&str, &str, &str); 5] = [
+    ("MSR-protocol page state changes", "msr_psc", "msr_psc"),
+    (
+        "GHCB page state change calls",
+        "ghcb_psc_calls",
+        "ghcb_psc_calls",
+    ),
+    ("4K PVALIDATEs", "pvalidate_4k", "pvalidate_4k"),
+    ("2M PVALIDATEs", "pvalidate_2m", "pvalidate_2m"),
+    (
+        "pages made private (zeroed)",
+        "zeroed_pages",
+        "pages_to_private",
+    ),
+];
+
 /// An SNP run's stress and counters: the guest's stress, the emulator's
 /// wrong-state counts, and what the guest says it sent beside what the
 /// emulator counted.
@@ -169,21 +187,7 @@ pub fn render_snp(report: &Report) -> String {
         "guest",
         "emulator"
     );
-    for (what, guest_key, emulator_key) in [
-        ("MSR-protocol page state changes", "msr_psc", "msr_psc"),
-        (
-            "GHCB page state change calls",
-            "ghcb_psc_calls",
-            "ghcb_psc_calls",
-        ),
-        ("4K PVALIDATEs", "pvalidate_4k", "pvalidate_4k"),
-        ("2M PVALIDATEs", "pvalidate_2m", "pvalidate_2m"),
-        (
-            "pages made private (zeroed)",
-            "zeroed_pages",
-            "pages_to_private",
-        ),
-    ] {
+    for (what, guest_key, emulator_key) in SNP_SENT_AND_SEEN {
         out.push_str(&format!(
             "    {what:<32} {:>8} {:>9}\n",
             s(guest_key),

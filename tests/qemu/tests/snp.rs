@@ -8,6 +8,7 @@
 //! guest alive, and touching it ends the guest; partial PSC progress and
 //! refused 2M PVALIDATEs still convert; malformed requests are refused.
 
+use qemu_harness::screen::SNP_SENT_AND_SEEN;
 use qemu_harness::{
     check_concurrent, emulator_elf, emulator_errors, guest_elf, guest_legacy_elf, judge, parse_log,
     run_guest, Machine, Report, Run, EXIT_BAD_INPUT, EXIT_FAIL, EXIT_PASS, EXPECTED_TESTS,
@@ -90,15 +91,11 @@ fn passes_as_snp(cpus: u32, options: &str) -> Report {
     // The guest's totals (boot and every conversion) against the
     // emulator's: page state changes of both kinds, PVALIDATEs of both
     // sizes, 2M refusals, and each page made private zeroed once.
-    for (guest_key, emulator_key) in [
-        ("ghcb_psc_calls", "ghcb_psc_calls"),
-        ("msr_psc", "msr_psc"),
-        ("pvalidate_4k", "pvalidate_4k"),
-        ("pvalidate_2m", "pvalidate_2m"),
+    let sent_and_seen = SNP_SENT_AND_SEEN.iter().map(|&(_, g, e)| (g, e));
+    for (guest_key, emulator_key) in sent_and_seen.chain([
         ("pvalidate_size_mismatch", "pvalidate_size_mismatch"),
-        ("zeroed_pages", "pages_to_private"),
         ("vc_cpuid", "vc_cpuid"),
-    ] {
+    ]) {
         let (g, e) = (guest(&report, guest_key), emulator(&report, emulator_key));
         if g != e || g == u64::MAX {
             fail_with_log(

@@ -353,23 +353,10 @@ impl Vcpu {
             self.vmcb.write_u64(save::CR2, va);
             return Err(Event::exception(14, Some(0)));
         };
-        // Whether the leaf carries the C-bit: translate strips it, so ask
-        // for the C=1 view the guest's entry gives.
-        let root = self.vmcb.read_u64(save::CR3) & 0x000f_ffff_ffff_f000 & !self.memory.c_bit;
-        let cc = CcMask::with_private_bit(self.memory.c_bit.trailing_zeros()).ok();
-        // SAFETY: as in translate: GuestTables reads only guest memory.
-        let leaf = cc.and_then(|cc| {
-            unsafe {
-                PageTables::new(
-                    GuestTables(self.memory),
-                    PhysAddr(root),
-                    PagingMode::FourLevel,
-                    cc,
-                )
-            }
-            .lookup_address(VirtAddr(va))
-            .ok()
-        });
+        // Whether the leaf carries the C-bit (translate strips it).
+        let leaf = self
+            .guest_tables()
+            .and_then(|tables| tables.lookup_address(VirtAddr(va)).ok());
         let private = leaf.is_some_and(|leaf| leaf.entry.0 & self.memory.c_bit != 0);
         Ok(private.then_some(gpa))
     }
@@ -457,10 +444,7 @@ impl Vcpu {
             subleaf,
             self.index as u32,
             self.memory.c_bit.trailing_zeros() as u8,
-            |leaf, subleaf| {
-                let r = bare::cpu::cpuid(leaf, subleaf);
-                [r.eax, r.ebx, r.ecx, r.edx]
-            },
+            host_cpuid,
         )
     }
 

@@ -18,7 +18,9 @@
 //! when our runs passed with no wrong-state access and the legacy order
 //! showed some.
 
-use qemu_harness::screen::{render_snp, render_stress, render_trace, trace_rows, value};
+use qemu_harness::screen::{
+    render_snp, render_stress, render_trace, trace_rows, value, SNP_SENT_AND_SEEN,
+};
 use qemu_harness::{
     describe_exit, emulator_elf, guest_elf, guest_legacy_elf, parse_log, run_guest, workspace_root,
     Machine, Report, Run, EXIT_PASS,
@@ -210,15 +212,9 @@ fn run_snp(rounds: u32) -> Result<bool, String> {
     }
     let counted = |k: &str| report.snp.get(k).copied();
     let sent = |k: &str| report.stress.get(k).copied();
-    let matched = [
-        ("msr_psc", "msr_psc"),
-        ("ghcb_psc_calls", "ghcb_psc_calls"),
-        ("pvalidate_4k", "pvalidate_4k"),
-        ("pvalidate_2m", "pvalidate_2m"),
-        ("zeroed_pages", "pages_to_private"),
-    ]
-    .iter()
-    .all(|(g, e)| sent(g).is_some() && sent(g) == counted(e));
+    let matched = SNP_SENT_AND_SEEN
+        .iter()
+        .all(|(_, g, e)| sent(g).is_some() && sent(g) == counted(e));
     let ok = snp.exit_code == Some(EXIT_PASS)
         && counted("wrong_state") == Some(0)
         && counted("vc_404") == Some(0)
